@@ -1,0 +1,124 @@
+"""The one narrow interface every backend implements (sim, ane, null).
+
+A backend compiles MIL text (plus named weight blobs) into a ``Kernel``. A kernel allocates
+``Buffer``s shaped like its inputs/outputs and binds them into ``Request``s; evaluating a
+request runs the program from its input buffers into its output buffers. This mirrors the ANE:
+one compiled model, many requests (one per layer's input surface), buffers that must be
+locked around CPU access. The simulator honours the same rules so code written against it
+runs unchanged on the ANE.
+
+Buffer layout: a MIL tensor ``[1, C, 1, S]`` is a flat, packed, channel-major byte buffer:
+element (c, s) at index ``c*S + s`` (ANE_FACTS §2.3). ``Buffer.lock()`` yields a numpy view of
+it shaped ``(C, S)`` for rank-4 ``[1, C, 1, S]`` tensors and the full MIL shape otherwise.
+
+Ordering: when a function has several inputs or outputs, the ANE binds surfaces in
+alphabetical order of their MIL names (ANE_FACTS §13). ``Kernel.inputs``/``Kernel.outputs``
+are therefore sorted by name, and requests take buffers in that order.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # the MIL shape, e.g. (1, C, 1, S)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        """The numpy shape of a locked view: (C, S) for [1, C, 1, S], else the MIL shape."""
+        s = self.shape
+        if len(s) == 4 and s[0] == 1 and s[2] == 1:
+            return (s[1], s[3])
+        return s
+
+
+class Buffer(abc.ABC):
+    """A flat byte buffer bound to one tensor spec (an IOSurface on the ANE)."""
+
+    spec: TensorSpec
+
+    @abc.abstractmethod
+    def lock(self, readonly: bool = False) -> contextlib.AbstractContextManager[np.ndarray]:
+        """Context manager yielding a numpy view (``spec.view_shape``, ``spec.dtype``).
+
+        The view is valid only inside the ``with`` block. ``readonly=True`` for reads of outputs.
+        """
+
+    def read(self) -> np.ndarray:
+        """A copy of the contents (convenience for tests and cold paths)."""
+        with self.lock(readonly=True) as a:
+            return a.copy()
+
+    def write(self, value: np.ndarray) -> None:
+        """Copy ``value`` (any shape broadcastable to the view) into the buffer."""
+        with self.lock() as a:
+            a[...] = value
+
+
+class Request(abc.ABC):
+    """A kernel bound to fixed input and output buffers; build once, evaluate many times."""
+
+    @abc.abstractmethod
+    def eval(self) -> None:
+        """Run the program synchronously: on return the output buffers hold the result."""
+
+
+class Kernel(abc.ABC):
+    name: str
+    inputs: tuple[TensorSpec, ...]  # sorted by name (ANE binding order)
+    outputs: tuple[TensorSpec, ...]  # sorted by name
+
+    @abc.abstractmethod
+    def alloc(self, spec: TensorSpec) -> Buffer:
+        """A new zero-filled buffer for one of this kernel's input or output specs."""
+
+    @abc.abstractmethod
+    def request(self, inputs: Sequence[Buffer], outputs: Sequence[Buffer]) -> Request:
+        """Bind buffers (in ``self.inputs`` / ``self.outputs`` order) into a reusable request."""
+
+    def eval(self, inputs: Sequence[Buffer], outputs: Sequence[Buffer]) -> None:
+        """One-off evaluation (builds a throwaway request)."""
+        self.request(inputs, outputs).eval()
+
+    def close(self) -> None:
+        """Release backend resources (unload on the ANE). Idempotent."""
+
+
+class Backend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> Kernel:
+        """Compile MIL text. ``blobs`` maps ``@model_path/weights/x.bin`` to the whole blob file
+        (128-byte header included, ANE_FACTS §3.3). Compile errors raise with the MIL line/column
+        where known."""
+
+
+class HostBuffer(Buffer):
+    """A buffer in ordinary host memory (sim and null backends): locking is a no-op view."""
+
+    def __init__(self, spec: TensorSpec):
+        self.spec = spec
+        self._data = np.zeros(spec.view_shape, dtype=spec.dtype)
+
+    @contextlib.contextmanager
+    def lock(self, readonly: bool = False) -> Iterator[np.ndarray]:
+        if readonly:
+            view = self._data.view()
+            view.flags.writeable = False
+            yield view
+        else:
+            yield self._data
