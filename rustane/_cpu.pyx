@@ -1,0 +1,209 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Cython bindings for csrc/cpu_ops.c (CPU training ops). Use ``rustane.cpu_ops``, not this.
+
+Every function takes its outputs explicitly, validates every array (dtype, C-contiguity,
+shape, writability) with an error naming the argument, then runs the C code without the GIL.
+"""
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t
+
+cnp.import_array()
+
+cdef extern from "cpu_ops.h":
+    void rn_rmsnorm_fwd(const float *x, const float *w, float *out, float *rrms,
+                        int C, int S, float eps) nogil
+    int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float *rrms,
+                       float *dx, float *dw, int C, int S) nogil
+    int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta,
+                int inverse) nogil
+    double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
+                            int V, int S, float grad_scale) nogil
+    void rn_embedding_fwd(const float *E, const int32_t *tokens, float *out, int D, int S) nogil
+    void rn_embedding_bwd(const float *dx, const int32_t *tokens, float *dE, int D, int S) nogil
+    void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
+                       float lr, float beta1, float beta2, float eps, float weight_decay,
+                       float grad_scale, int64_t t) nogil
+    double rn_sumsq(const float *x, size_t n) nogil
+
+_INT_MAX = 2**31 - 1
+
+
+cdef cnp.ndarray _arr(object a, str name, object dtype, tuple shape, bint writable=False):
+    """Check one argument; ``shape`` entries of None accept any size (the caller cross-checks)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    ashape = a.shape
+    if arr.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype.name} "
+                        f"(convert with .astype(np.{np.dtype(dtype).name}))")
+    if arr.ndim != len(shape):
+        raise ValueError(f"{name}: expected {len(shape)}-D array, got shape {ashape}")
+    for i, want in enumerate(shape):
+        if want is not None and ashape[i] != want:
+            raise ValueError(f"{name}: expected shape {_fmt(shape)}, got {ashape}")
+        if ashape[i] > _INT_MAX:
+            raise ValueError(f"{name}: dimension {i} of {ashape} exceeds 2**31-1")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous (use np.ascontiguousarray)")
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{name}: output array is read-only")
+    return arr
+
+
+cdef str _fmt(tuple shape):
+    return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+
+
+cdef inline float* _f(cnp.ndarray a):
+    return <float*>cnp.PyArray_DATA(a)
+
+
+cdef inline int32_t* _i(cnp.ndarray a):
+    return <int32_t*>cnp.PyArray_DATA(a)
+
+
+cdef _check_tokens(cnp.ndarray tok, str name, Py_ssize_t limit, str limit_name):
+    if tok.shape[0] and (int(tok.min()) < 0 or int(tok.max()) >= limit):
+        raise ValueError(f"{name}: ids must lie in [0, {limit}) ({limit_name}), "
+                         f"got min {int(tok.min())} max {int(tok.max())}")
+
+
+def rmsnorm_fwd(x, w, out, rrms, float eps):
+    """x [C, S], w [C] -> out [C, S], rrms [S] (written)."""
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (None, None))
+    cdef int C = X.shape[0], S = X.shape[1]
+    cdef cnp.ndarray W = _arr(w, "w", np.float32, (C,))
+    cdef cnp.ndarray O = _arr(out, "out", np.float32, (C, S), True)
+    cdef cnp.ndarray R = _arr(rrms, "rrms", np.float32, (S,), True)
+    cdef float* pX = _f(X)
+    cdef float* pW = _f(W)
+    cdef float* pO = _f(O)
+    cdef float* pR = _f(R)
+    with nogil:
+        rn_rmsnorm_fwd(pX, pW, pO, pR, C, S, eps)
+
+
+def rmsnorm_bwd(dy, x, w, rrms, dx, dw):
+    """Writes dx [C, S]; accumulates into dw [C]."""
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (None, None))
+    cdef int C = X.shape[0], S = X.shape[1]
+    cdef cnp.ndarray DY = _arr(dy, "dy", np.float32, (C, S))
+    cdef cnp.ndarray W = _arr(w, "w", np.float32, (C,))
+    cdef cnp.ndarray R = _arr(rrms, "rrms", np.float32, (S,))
+    cdef cnp.ndarray DX = _arr(dx, "dx", np.float32, (C, S), True)
+    cdef cnp.ndarray DW = _arr(dw, "dw", np.float32, (C,), True)
+    cdef int rc
+    cdef float* pDY = _f(DY)
+    cdef float* pX = _f(X)
+    cdef float* pW = _f(W)
+    cdef float* pR = _f(R)
+    cdef float* pDX = _f(DX)
+    cdef float* pDW = _f(DW)
+    with nogil:
+        rc = rn_rmsnorm_bwd(pDY, pX, pW, pR, pDX, pDW, C, S)
+    if rc:
+        raise MemoryError("rmsnorm_bwd: out of memory for an [S] scratch row")
+
+
+def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
+    """x, out [n_heads*head_dim, S]; inverse=True is the backward."""
+    if n_heads <= 0 or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope: n_heads must be > 0 and head_dim even and > 0, "
+                         f"got n_heads={n_heads} head_dim={head_dim}")
+    if not theta > 0:
+        raise ValueError(f"rope: theta must be > 0, got {theta}")
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (n_heads * head_dim, None))
+    cdef int S = X.shape[1]
+    cdef cnp.ndarray O = _arr(out, "out", np.float32, (n_heads * head_dim, S), True)
+    cdef int rc
+    cdef float* pX = _f(X)
+    cdef float* pO = _f(O)
+    with nogil:
+        rc = rn_rope(pX, pO, n_heads, head_dim, S, theta, inverse)
+    if rc:
+        raise MemoryError("rope: out of memory for the cos/sin table")
+
+
+def cross_entropy(logits, targets, dlogits, float grad_scale):
+    """logits [V, S], targets int32 [S] -> mean loss (float); writes dlogits [V, S]."""
+    cdef cnp.ndarray L = _arr(logits, "logits", np.float32, (None, None))
+    cdef int V = L.shape[0], S = L.shape[1]
+    cdef cnp.ndarray T = _arr(targets, "targets", np.int32, (S,))
+    cdef cnp.ndarray D = _arr(dlogits, "dlogits", np.float32, (V, S), True)
+    _check_tokens(T, "targets", V, "the vocabulary size, logits.shape[0]")
+    cdef double loss
+    cdef float* pL = _f(L)
+    cdef int32_t* pT = _i(T)
+    cdef float* pD = _f(D)
+    with nogil:
+        loss = rn_cross_entropy(pL, pT, pD, V, S, grad_scale)
+    if loss != loss and S > 0:
+        # NaN is also what non-finite logits give; tell the two apart for the message.
+        if not np.isfinite(L).all():
+            return float("nan")
+        raise MemoryError("cross_entropy: out of memory for [S] scratch rows")
+    return loss
+
+
+def embedding_fwd(E, tokens, out):
+    """E [V, D], tokens int32 [S] -> out [D, S] (written)."""
+    cdef cnp.ndarray EM = _arr(E, "E", np.float32, (None, None))
+    cdef int V = EM.shape[0], D = EM.shape[1]
+    cdef cnp.ndarray T = _arr(tokens, "tokens", np.int32, (None,))
+    cdef int S = T.shape[0]
+    cdef cnp.ndarray O = _arr(out, "out", np.float32, (D, S), True)
+    _check_tokens(T, "tokens", V, "the vocabulary size, E.shape[0]")
+    cdef float* pEM = _f(EM)
+    cdef int32_t* pT = _i(T)
+    cdef float* pO = _f(O)
+    with nogil:
+        rn_embedding_fwd(pEM, pT, pO, D, S)
+
+
+def embedding_bwd(dx, tokens, dE):
+    """dx [D, S], tokens int32 [S]; accumulates into dE [V, D]."""
+    cdef cnp.ndarray DE = _arr(dE, "dE", np.float32, (None, None), True)
+    cdef int V = DE.shape[0], D = DE.shape[1]
+    cdef cnp.ndarray T = _arr(tokens, "tokens", np.int32, (None,))
+    cdef int S = T.shape[0]
+    cdef cnp.ndarray DX = _arr(dx, "dx", np.float32, (D, S))
+    _check_tokens(T, "tokens", V, "the vocabulary size, dE.shape[0]")
+    cdef float* pDX = _f(DX)
+    cdef int32_t* pT = _i(T)
+    cdef float* pDE = _f(DE)
+    with nogil:
+        rn_embedding_bwd(pDX, pT, pDE, D, S)
+
+
+def adamw_step(w, grad, m, v, float lr, float beta1, float beta2, float eps,
+               float weight_decay, float grad_scale, long long step):
+    """In-place AdamW on w, m, v (all the same shape as grad)."""
+    if step < 1:
+        raise ValueError(f"adamw_step: step is 1-based (bias correction), got {step}")
+    cdef cnp.ndarray W = _arr(w, "w", np.float32, (None,) * np.ndim(w), True)
+    shape = tuple(W.shape[i] for i in range(W.ndim))
+    cdef cnp.ndarray G = _arr(grad, "grad", np.float32, shape)
+    cdef cnp.ndarray M = _arr(m, "m", np.float32, shape, True)
+    cdef cnp.ndarray VV = _arr(v, "v", np.float32, shape, True)
+    cdef size_t n = W.size
+    cdef float* pW = _f(W)
+    cdef float* pG = _f(G)
+    cdef float* pM = _f(M)
+    cdef float* pVV = _f(VV)
+    with nogil:
+        rn_adamw_step(pW, pG, pM, pVV, n, lr, beta1, beta2, eps,
+                      weight_decay, grad_scale, step)
+
+
+def sumsq(x):
+    """Sum of squares (float, computed in double); inf/NaN iff x holds inf/NaN."""
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (None,) * np.ndim(x))
+    cdef size_t n = X.size
+    cdef double r
+    cdef float* pX = _f(X)
+    with nogil:
+        r = rn_sumsq(pX, n)
+    return r
