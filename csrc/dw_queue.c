@@ -1,0 +1,278 @@
+/* dW queue: GCD serial queue + group on Apple platforms, one pthread worker elsewhere. */
+#if !defined(__APPLE__) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L
+#endif
+
+#include "dw_queue.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+
+typedef struct dw_job {
+    struct dw_job *next; /* pthread FIFO link (unused with GCD) */
+    float *dW;
+    const float *dY, *X;
+    int M, N, K;
+    int fail;            /* test hook: error code to report instead of computing */
+    int blas_threads;
+    float *snapshot;     /* owned copy of dY then X, or NULL */
+} dw_job;
+
+static dw_job *job_new(float *dW, const float *dY, const float *X, int M, int N, int K, int copy,
+                       int blas_threads)
+{
+    dw_job *j = calloc(1, sizeof *j);
+    if (!j)
+        return NULL;
+    j->dW = dW;
+    j->dY = dY;
+    j->X = X;
+    j->M = M;
+    j->N = N;
+    j->K = K;
+    j->blas_threads = blas_threads;
+    if (copy) {
+        size_t ny = (size_t)M * (size_t)K, nx = (size_t)N * (size_t)K;
+        /* one allocation for both operands; +1 keeps malloc(0) out of the picture */
+        j->snapshot = malloc((ny + nx + 1) * sizeof(float));
+        if (!j->snapshot) {
+            free(j);
+            return NULL;
+        }
+        memcpy(j->snapshot, dY, ny * sizeof(float));
+        memcpy(j->snapshot + ny, X, nx * sizeof(float));
+        j->dY = j->snapshot;
+        j->X = j->snapshot + ny;
+    }
+    return j;
+}
+
+static void job_free(dw_job *j)
+{
+    free(j->snapshot);
+    free(j);
+}
+
+/* Runs the job and frees it; returns its error code. */
+static int job_run(dw_job *j)
+{
+    int rc = j->fail;
+    if (!rc && j->M > 0 && j->N > 0 && j->K > 0) {
+        (void)rustane_blas_threads(j->blas_threads);
+        RUSTANE_SGEMM(CblasRowMajor, CblasNoTrans, CblasTrans, j->M, j->N, j->K, 1.0f, j->dY, j->K, j->X, j->K,
+                      1.0f, j->dW, j->N);
+    }
+    job_free(j);
+    return rc;
+}
+
+#ifdef __APPLE__
+/* ---- GCD ------------------------------------------------------------------------------------- */
+#include <dispatch/dispatch.h>
+
+struct rustane_dwq {
+    dispatch_queue_t queue;
+    dispatch_group_t group;
+    atomic_int err;
+    int blas_threads;
+};
+
+typedef struct {
+    rustane_dwq *q;
+    dw_job *job;
+} gcd_ctx;
+
+static void gcd_run(void *p)
+{
+    gcd_ctx *ctx = p;
+    rustane_dwq *q = ctx->q;
+    int rc = job_run(ctx->job);
+    free(ctx);
+    if (rc) {
+        int none = 0; /* keep the first error only */
+        atomic_compare_exchange_strong(&q->err, &none, rc);
+    }
+}
+
+rustane_dwq *rustane_dwq_create(int blas_threads)
+{
+    rustane_dwq *q = calloc(1, sizeof *q);
+    if (!q)
+        return NULL;
+    q->queue = dispatch_queue_create("rustane.dw", DISPATCH_QUEUE_SERIAL);
+    q->group = dispatch_group_create();
+    if (!q->queue || !q->group) {
+        if (q->queue)
+            dispatch_release(q->queue);
+        if (q->group)
+            dispatch_release(q->group);
+        free(q);
+        return NULL;
+    }
+    atomic_init(&q->err, 0);
+    q->blas_threads = blas_threads;
+    return q;
+}
+
+static int enqueue(rustane_dwq *q, dw_job *j)
+{
+    gcd_ctx *ctx = malloc(sizeof *ctx);
+    if (!ctx) {
+        job_free(j);
+        return ENOMEM;
+    }
+    ctx->q = q;
+    ctx->job = j;
+    dispatch_group_async_f(q->group, q->queue, ctx, gcd_run);
+    return 0;
+}
+
+int rustane_dwq_wait(rustane_dwq *q)
+{
+    dispatch_group_wait(q->group, DISPATCH_TIME_FOREVER);
+    return atomic_exchange(&q->err, 0);
+}
+
+void rustane_dwq_destroy(rustane_dwq *q)
+{
+    if (!q)
+        return;
+    dispatch_group_wait(q->group, DISPATCH_TIME_FOREVER);
+    dispatch_release(q->queue);
+    dispatch_release(q->group);
+    free(q);
+}
+
+#else
+/* ---- pthread worker ---------------------------------------------------------------------------- */
+#include <pthread.h>
+
+struct rustane_dwq {
+    pthread_mutex_t mu;
+    pthread_cond_t work;  /* signalled: job queued or stop requested */
+    pthread_cond_t idle;  /* broadcast: queue drained and no job running */
+    dw_job *head, *tail;
+    int running;          /* a job is executing outside the lock */
+    int stop;
+    int err;              /* first error since the last wait */
+    int blas_threads;
+    pthread_t thread;
+};
+
+static void *worker(void *p)
+{
+    rustane_dwq *q = p;
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        while (!q->head && !q->stop)
+            pthread_cond_wait(&q->work, &q->mu);
+        if (!q->head) /* stop requested and everything drained */
+            break;
+        dw_job *j = q->head;
+        q->head = j->next;
+        if (!q->head)
+            q->tail = NULL;
+        q->running = 1;
+        pthread_mutex_unlock(&q->mu);
+        int rc = job_run(j);
+        pthread_mutex_lock(&q->mu);
+        q->running = 0;
+        if (rc && !q->err)
+            q->err = rc;
+        if (!q->head)
+            pthread_cond_broadcast(&q->idle);
+    }
+    pthread_mutex_unlock(&q->mu);
+    return NULL;
+}
+
+rustane_dwq *rustane_dwq_create(int blas_threads)
+{
+    rustane_dwq *q = calloc(1, sizeof *q);
+    if (!q)
+        return NULL;
+    q->blas_threads = blas_threads;
+    if (pthread_mutex_init(&q->mu, NULL))
+        goto fail_mu;
+    if (pthread_cond_init(&q->work, NULL))
+        goto fail_work;
+    if (pthread_cond_init(&q->idle, NULL))
+        goto fail_idle;
+    if (pthread_create(&q->thread, NULL, worker, q))
+        goto fail_thread;
+    return q;
+fail_thread:
+    pthread_cond_destroy(&q->idle);
+fail_idle:
+    pthread_cond_destroy(&q->work);
+fail_work:
+    pthread_mutex_destroy(&q->mu);
+fail_mu:
+    free(q);
+    return NULL;
+}
+
+static int enqueue(rustane_dwq *q, dw_job *j)
+{
+    pthread_mutex_lock(&q->mu);
+    if (q->tail)
+        q->tail->next = j;
+    else
+        q->head = j;
+    q->tail = j;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->mu);
+    return 0;
+}
+
+int rustane_dwq_wait(rustane_dwq *q)
+{
+    pthread_mutex_lock(&q->mu);
+    while (q->head || q->running)
+        pthread_cond_wait(&q->idle, &q->mu);
+    int rc = q->err;
+    q->err = 0;
+    pthread_mutex_unlock(&q->mu);
+    return rc;
+}
+
+void rustane_dwq_destroy(rustane_dwq *q)
+{
+    if (!q)
+        return;
+    pthread_mutex_lock(&q->mu);
+    q->stop = 1;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->mu);
+    pthread_join(q->thread, NULL); /* the worker drains the queue before it exits */
+    pthread_cond_destroy(&q->idle);
+    pthread_cond_destroy(&q->work);
+    pthread_mutex_destroy(&q->mu);
+    free(q);
+}
+#endif
+
+/* ---- shared entry points ------------------------------------------------------------------------ */
+
+int rustane_dwq_submit(rustane_dwq *q, float *dW, const float *dY, const float *X, int M, int N, int K, int copy)
+{
+    dw_job *j = job_new(dW, dY, X, M, N, K, copy, q->blas_threads);
+    if (!j)
+        return ENOMEM;
+    return enqueue(q, j);
+}
+
+int rustane_dwq_submit_error(rustane_dwq *q, int err)
+{
+    dw_job *j = job_new(NULL, NULL, NULL, 0, 0, 0, 0, q->blas_threads);
+    if (!j)
+        return ENOMEM;
+    j->fail = err;
+    return enqueue(q, j);
+}
+
+int rustane_dwq_blas_scope(void) { return rustane_blas_threads_scope(); }
