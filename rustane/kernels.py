@@ -345,8 +345,11 @@ def compile_spec(backend, spec: KernelSpec):
 # -- packing (reference quality; the hot path stages through rustane.native) -------------------
 
 
-def pack_input(spec: KernelSpec, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
-    """Pack named arrays into the kernel input ``[C, W]`` fp16.
+def pack_input(
+    spec: KernelSpec, arrays: Mapping[str, np.ndarray], out: np.ndarray | None = None, dtype=np.float16
+) -> np.ndarray:
+    """Pack named arrays into the kernel input ``[C, W]`` (fp16; ``dtype=np.float32`` for a
+    simulator with fp32 I/O).
 
     Each array has its block's ``source_shape`` (weights as ``W [OUT, IN]``, activations
     ``[C, S]``) and is transposed here when the block stages ``Wᵀ``. Without ``out`` every block
@@ -362,9 +365,9 @@ def pack_input(spec: KernelSpec, arrays: Mapping[str, np.ndarray], out: np.ndarr
         missing = [b.name for b in spec.blocks if b.name not in arrays]
         if missing:
             raise KeyError(f"{spec.name}: missing input arrays {missing} (pass out= to update only some blocks)")
-        out = np.empty((c, w), dtype=np.float16)
-    elif out.shape != (c, w) or out.dtype != np.float16:
-        raise ValueError(f"{spec.name}: out must be fp16 {(c, w)}, got {out.dtype} {out.shape}")
+        out = np.empty((c, w), dtype=dtype)
+    elif out.shape != (c, w) or out.dtype not in (np.float16, np.float32):
+        raise ValueError(f"{spec.name}: out must be an fp16 (or fp32) array of shape {(c, w)}, got {out.dtype} {out.shape}")
     for blk in spec.blocks:
         if blk.name not in arrays:
             continue

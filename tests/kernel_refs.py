@@ -60,7 +60,11 @@ def rope_factor(seq: int, head_dim: int, theta: float, rope_fp16: bool) -> np.nd
 
 
 def rope_head(x_sd: np.ndarray, factor: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """Rotate one head ``[S, HD]``: pair i of position p is the complex number x[p,2i] + i·x[p,2i+1]."""
+    """Rotate one head ``[S, HD]``: pair i of position p is the complex number x[p,2i] + i·x[p,2i+1].
+
+    ``inverse=True`` multiplies by the conjugate factor: the transpose of the forward rotation,
+    i.e. the RoPE backward (exactly, even when fp16 rounding made |factor| ≠ 1).
+    """
     z = x_sd[:, 0::2] + 1j * x_sd[:, 1::2]
     z = z * (np.conj(factor) if inverse else factor)
     out = np.empty_like(x_sd)
