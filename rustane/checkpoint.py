@@ -1,0 +1,338 @@
+"""Checkpoints: one directory per save, loadable by Hugging Face ``transformers`` as is.
+
+Layout of ``<out_dir>/step-<NNNNNNNN>/``:
+
+- ``model.safetensors``: fp32 weights under Hugging Face Llama names
+  (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
+  ``model.layers.{i}.mlp.{gate,up,down}_proj.weight`` (gate = W1, up = W3, down = W2),
+  ``model.layers.{i}.{input,post_attention}_layernorm.weight``, ``model.norm.weight``,
+  ``lm_head.weight`` only when untied). q_proj/k_proj rows are stored in HF's rotate_half order.
+- ``config.json``: a ``LlamaConfig`` (``ModelConfig.to_hf_dict``).
+- ``optimizer.safetensors``: optimizer tensors (e.g. Adam ``m.<name>``/``v.<name>``), plus JSON
+  metadata (optimizer step, hyper-parameters) in the safetensors header.
+- ``trainer_state.json``: format version, step, the exact ``ModelConfig`` and its hash, and
+  whatever the trainer adds (sampler RNG state and cursor, loss-scaler state, ...).
+
+In memory the engine keeps parameters in a dict keyed by the same HF names, fp32, but with
+q/k rows in OUR RoPE convention (interleaved pairs). ``save`` permutes them with
+``permute_for_hf`` and ``load`` undoes it with ``unpermute_from_hf``.
+
+Writing is atomic: everything goes into a hidden temp directory beside the target, each file
+and the directory are fsynced, then the directory is renamed into place (and the parent
+fsynced). A crash leaves at most a ``.tmp-*`` directory, which ``latest`` never returns. No
+pickle is used anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from rustane.config import ModelConfig
+
+__all__ = [
+    "CheckpointError", "Checkpoint", "FORMAT_VERSION", "save", "load", "latest", "prune",
+    "list_checkpoints", "step_dir", "permute_for_hf", "unpermute_from_hf", "to_hf_params",
+    "from_hf_params",
+]
+
+FORMAT_VERSION = 1
+MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
+CONFIG_FILE, STATE_FILE = "config.json", "trainer_state.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_QK = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, corrupted or mismatched checkpoint (the message names the file/field)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    params: dict[str, np.ndarray]  # HF names, fp32, OUR RoPE convention
+    optimizer_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    optimizer_meta: dict[str, Any] = field(default_factory=dict)
+    trainer_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state.get("step", 0))
+
+
+# ---- RoPE convention permutation ------------------------------------------------------------
+
+def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection ``[n_heads·HD, IN]`` from interleaved pairs to rotate_half.
+
+    Ours pairs rows ``(2i, 2i+1)`` of a head; HF pairs ``(i, i + HD/2)``. So HF row ``i`` is our
+    row ``2i`` and HF row ``i + HD/2`` is our row ``2i + 1``.
+    """
+    rows, cols = w.shape
+    hd = rows // n_heads
+    if rows % n_heads or hd % 2:
+        raise ValueError(f"permute_for_hf: {rows} rows do not split into {n_heads} heads of even size")
+    return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def unpermute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of ``permute_for_hf``."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    if rows % n_heads or hd % 2:
+        raise ValueError(f"unpermute_from_hf: {rows} rows do not split into {n_heads} heads of even size")
+    return np.ascontiguousarray(w.reshape(n_heads, 2, hd // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
+
+
+def _heads_for(name: str, cfg: ModelConfig) -> int:
+    return cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads
+
+
+def to_hf_params(params: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our parameter dict -> HF tensors (q/k rows permuted, fp32, contiguous)."""
+    out = {}
+    for k, v in params.items():
+        a = np.ascontiguousarray(v, dtype=np.float32)
+        out[k] = permute_for_hf(a, _heads_for(k, cfg)) if _QK.match(k) else a
+    return out
+
+
+def from_hf_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """HF tensors -> our parameter dict (q/k rows un-permuted, fp32)."""
+    out = {}
+    for k, v in tensors.items():
+        a = np.ascontiguousarray(v, dtype=np.float32)
+        out[k] = unpermute_from_hf(a, _heads_for(k, cfg)) if _QK.match(k) else a
+    return out
+
+
+# ---- low-level file helpers -----------------------------------------------------------------
+
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(p: Path, obj: Any) -> None:
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_safetensors(p: Path, tensors: Mapping[str, np.ndarray], meta: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p), metadata=meta)
+    _fsync_path(p)
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+    if not p.exists():
+        raise CheckpointError(f"checkpoint file {p} is missing")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on damage
+        raise CheckpointError(f"checkpoint file {p} is corrupted or not a safetensors file: {exc}") from exc
+    return tensors, meta
+
+
+def _read_json(p: Path) -> Any:
+    if not p.exists():
+        raise CheckpointError(f"checkpoint file {p} is missing")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {p} is corrupted (invalid JSON: {exc})") from exc
+
+
+# ---- save / load ----------------------------------------------------------------------------
+
+def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    return Path(out_dir) / f"step-{step:08d}"
+
+
+def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
+         step: int, optimizer_tensors: Mapping[str, np.ndarray] | None = None,
+         optimizer_meta: Mapping[str, Any] | None = None,
+         trainer_state: Mapping[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (replacing one that exists).
+
+    ``params`` are in our convention and must match ``cfg.param_shapes()`` exactly.
+    ``trainer_state`` must be JSON-serializable (NaN/inf are refused).
+    """
+    cfg.validate()
+    target = Path(path)
+    _check_params(params, cfg, where="save")
+    state = dict(trainer_state or {})
+    state.update(format_version=FORMAT_VERSION, step=int(step), config=cfg.to_dict(),
+                 config_hash=cfg.config_hash())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        with warnings.catch_warnings():
+            # residual-scaled models still get a config.json; trainer_state.json has the truth
+            warnings.simplefilter("ignore")
+            hf_cfg = cfg.to_hf_dict(allow_residual_scaling=True)
+        _write_json(tmp / CONFIG_FILE, hf_cfg)
+        _write_safetensors(tmp / MODEL_FILE, to_hf_params(params, cfg), {"format": "pt"})
+        if optimizer_tensors is not None or optimizer_meta is not None:
+            meta = {"format": "pt", "rustane": json.dumps(dict(optimizer_meta or {}), allow_nan=False)}
+            _write_safetensors(tmp / OPTIM_FILE, dict(optimizer_tensors or {}), meta)
+        _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete dir
+        _fsync_path(tmp)
+        if target.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.rename(target, old / "x")
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
+    want = cfg.param_shapes()
+    missing = [k for k in want if k not in params]
+    extra = [k for k in params if k not in want]
+    bad = [f"{k}: {tuple(np.shape(params[k]))} (expected {want[k]})" for k in want
+           if k in params and tuple(np.shape(params[k])) != want[k]]
+    if missing or extra or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+        if bad:
+            parts.append("wrong shapes " + "; ".join(bad[:8]))
+        raise CheckpointError(f"{where}: parameters do not match the model config: " + ", ".join(parts))
+
+
+def load(path: str | os.PathLike, expected: ModelConfig | None = None, *,
+         load_optimizer: bool = True, ignore_fields: tuple[str, ...] = ()) -> Checkpoint:
+    """Load a checkpoint directory (ours, or an HF Llama folder with config.json + safetensors).
+
+    With ``expected``, refuses a checkpoint whose config differs, naming each differing field
+    (``dim: checkpoint 64, requested 128``); ``ignore_fields`` lists fields allowed to differ
+    (e.g. ``("seq_len",)`` to fine-tune at another length).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {p} does not exist or is not a directory")
+    state: dict[str, Any] = {}
+    if (p / STATE_FILE).exists():
+        state = _read_json(p / STATE_FILE)
+        ver = state.get("format_version")
+        if ver != FORMAT_VERSION:
+            raise CheckpointError(f"{p / STATE_FILE}: format_version {ver!r} is not supported "
+                                  f"(this rustane reads version {FORMAT_VERSION})")
+        try:
+            cfg = ModelConfig.from_dict(state["config"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{p / STATE_FILE}: bad 'config' entry: {exc}") from exc
+        if state.get("config_hash") not in (None, cfg.config_hash()):
+            raise CheckpointError(f"{p / STATE_FILE}: config_hash does not match its config (edited?)")
+    else:
+        try:
+            cfg = ModelConfig.from_hf_dict(_read_json(p / CONFIG_FILE))
+        except ValueError as exc:
+            raise CheckpointError(f"{p / CONFIG_FILE}: {exc}") from exc
+    if expected is not None:
+        a, b = cfg.to_dict(), expected.to_dict()
+        diffs = [f"{k}: checkpoint {a[k]!r}, requested {b[k]!r}" for k in a
+                 if a[k] != b[k] and k not in ignore_fields]
+        if diffs:
+            raise CheckpointError(f"checkpoint {p} was saved for a different model:\n  "
+                                  + "\n  ".join(diffs))
+        for k in ignore_fields:
+            setattr(cfg, k, getattr(expected, k))
+    tensors, _ = _read_safetensors(p / MODEL_FILE)
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        # some HF exports store the tied head explicitly; the embedding is the one we train
+        tensors.pop("lm_head.weight")
+    _check_params(tensors, cfg, where=str(p / MODEL_FILE))
+    params = from_hf_params(tensors, cfg)
+    opt_t: dict[str, np.ndarray] = {}
+    opt_m: dict[str, Any] = {}
+    if load_optimizer and (p / OPTIM_FILE).exists():
+        opt_t, meta = _read_safetensors(p / OPTIM_FILE)
+        try:
+            opt_m = json.loads(meta.get("rustane", "{}"))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{p / OPTIM_FILE}: corrupted metadata: {exc}") from exc
+    return Checkpoint(path=p, config=cfg, params=params, optimizer_tensors=opt_t,
+                      optimizer_meta=opt_m, trainer_state=state)
+
+
+# ---- directory management -------------------------------------------------------------------
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``out_dir`` as ``(step, path)``, oldest first.
+
+    Complete means a ``step-N`` directory holding ``trainer_state.json`` (written last); temp
+    directories from interrupted saves (``.tmp-*``) are never listed.
+    """
+    d = Path(out_dir)
+    if not d.is_dir():
+        return []
+    found = []
+    for child in d.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).exists() and (child / MODEL_FILE).exists():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``out_dir`` (for ``--resume auto``), or None."""
+    ck = list_checkpoints(out_dir)
+    return ck[-1][1] if ck else None
+
+
+def prune(out_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints, and stale temp dirs of dead
+    saves. Returns the removed checkpoint paths. ``keep <= 0`` keeps everything."""
+    removed: list[Path] = []
+    if keep <= 0:
+        return removed
+    for _, p in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(p)
+        removed.append(p)
+    d = Path(out_dir)
+    if d.is_dir():
+        for child in d.iterdir():
+            if child.is_dir() and child.name.startswith((".tmp-step-", ".old-step-")) \
+                    and not _owned_by_live_process(child):
+                shutil.rmtree(child, ignore_errors=True)
+    return removed
+
+
+def _owned_by_live_process(p: Path) -> bool:
+    # Temp dirs carry no pid; treat very recent ones as possibly in flight (another process
+    # saving right now) and leave them.
+    import time
+    try:
+        return time.time() - p.stat().st_mtime < 3600
+    except FileNotFoundError:
+        return False
