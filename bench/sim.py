@@ -179,7 +179,8 @@ def bench(repeats: int, seq: int) -> dict:
     gqa = K.KernelShape(**{**STORIES, "seq": seq, "n_kv_heads": 4})
     jobs = [(mha, n) for n in K.plan_for(mha)] + [(gqa, "qBwd"), (gqa, "kvBwd")]
     result: dict = {"shape": {**STORIES, "seq": seq}, "gqa_variant_for": ["qBwd", "kvBwd"], "gqa_n_kv_heads": 4,
-                    "repeats": repeats, "kernels": {}}
+                    "repeats": repeats, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+                    "kernels": {}}
     for shape, name in jobs:
         spec = K.plan_for(shape)[name]
         x = _inputs(spec, shape, rng)

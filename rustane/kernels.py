@@ -20,6 +20,7 @@ multiplies them untransposed — and every backward dx kernel).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -261,6 +262,13 @@ def plan_for(shape: KernelShape | None = None, **dims) -> dict[str, KernelSpec]:
         shape = KernelShape(**dims)
     elif dims:
         raise TypeError("plan_for takes a KernelShape or keyword dims, not both")
+    elif not isinstance(shape, KernelShape):
+        raise TypeError(f"plan_for needs a KernelShape (rustane.config converts a model config), got {type(shape).__name__}")
+    return dict(_plan(shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(shape: KernelShape) -> tuple[tuple[str, KernelSpec], ...]:
     D, H, S, HD = shape.dim, shape.hidden, shape.seq, shape.head_dim
     NH, NKV, QD, KVD, R = shape.n_heads, shape.n_kv_heads, shape.q_dim, shape.kv_dim, shape.group
     alpha, scale = fp16_literal(shape.residual_alpha), fp16_literal(attention_scale(HD))
@@ -317,7 +325,7 @@ def plan_for(shape: KernelShape | None = None, **dims) -> dict[str, KernelSpec]:
                            ("wk", "weight", D, False), ("wv", "weight", D, False)])
         params = dict(KVD=KVD, DIM=D, SEQ=S, IN_W=b[-1].col1, **_cols(b, COL_DV="dv", COL_WK="wk", COL_WV="wv"))
         plan["kvBwd"] = _spec("kvBwd", b, _taps([("dxkv", D)]), S, params, blobs, ())
-    return plan
+    return tuple(plan.items())
 
 
 def backward_kernels(shape: KernelShape) -> tuple[str, ...]:

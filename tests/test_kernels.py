@@ -6,10 +6,11 @@ tests/kernel_refs.py, which is written from the equations (per-head loops, compl
 backward kernels are also checked against central finite differences of the forward math.
 
 Tolerances (max |kernel − ref| / max |ref| per tap):
-- fp32: 2e-5. The reference uses the kernel's fp16 constants (attention scale, α, RoPE tables)
-  because those are part of the kernel contract; what remains is fp32 rounding (observed ~1e-6).
-- fp16: 1e-2. Inputs are rounded to fp16 and every op rounds to fp16 (unit roundoff 4.9e-4); a
-  chain of ~10 rounded ops plus fp16-rounded softmax probabilities stays below ~2e-3 in practice.
+- fp32: 1e-5. The reference uses the kernel's fp16 constants (attention scale, α, RoPE tables)
+  because those are part of the kernel contract; what remains is fp32 rounding (observed ≤ 1.1e-6).
+- fp16: 5e-3 (~10 fp16 ulps of the largest value). Inputs are rounded to fp16 and every op rounds
+  to fp16 (unit roundoff 4.9e-4); chains of up to ~12 rounded ops, including fp16-rounded softmax
+  probabilities, stay below 2e-3 in practice.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rustane.mil.render import templates_dir
 # the diagonal is never masked), and what a saturating ANE add would also make irrelevant.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
-TOL = {"fp32": 2e-5, "fp16": 1e-2}
+TOL = {"fp32": 1e-5, "fp16": 5e-3}
 
 SHAPES = {
     # GQA ratio 3, head_dim 64, α ≠ 1
