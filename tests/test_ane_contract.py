@@ -1,0 +1,482 @@
+"""Contract tier: the ANE runtime (csrc/ane_runtime.m) against the fake framework (tests/fakeane).
+
+The runtime is compiled with GNUstep + GCC libobjc exactly as written for macOS (manual
+retain/release, objc_msgSend cast to exact prototypes); the fake records every selector and
+argument kind it receives and checks the rules of ANE_FACTS §1–2, §8. Its evaluate runs the MIL
+through the fp16 simulator, so results must match the sim backend byte for byte.
+
+Two ways this file runs:
+
+- inside a build made with ``-Csetup-args=-Dane_fake=true`` (``rustane._ane`` carries the fake):
+  the contract tests below run directly;
+- otherwise (the default ``pip install .``): one test builds such a private install into a temp
+  prefix (incremental build dir in the user cache) and runs this file there in a subprocess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.util
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    from tests.tiers import require_tools, unavailable
+except ImportError:  # pytest put tests/ itself on sys.path (python -P, rootdir not importable)
+    from tiers import require_tools, unavailable
+
+REPO = Path(__file__).resolve().parent.parent
+INNER_ENV = "RUSTANE_ANE_CONTRACT_INNER"
+HINT = "apt-get install clang gnustep-make libgnustep-base-dev libobjc-12-dev"
+
+
+def _fake_build():
+    """(ane backend module, fake library path) when this rustane was built with the fake, else None."""
+    try:
+        from rustane import _ane
+        from rustane.backends import ane
+    except ImportError:
+        return None
+    path = ane.fake_library_path()
+    if not _ane.BUILT_WITH_FAKE or path is None:
+        return None
+    return ane, path
+
+
+FAKE = _fake_build()
+
+
+# ---- outer mode: build the fake tier and run this file inside it --------------------------------------
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = re.sub(r"[^A-Za-z0-9]+", "_", str(REPO)).strip("_")[-80:]
+    return base / "rustane" / f"ane-fake-build-{sys.version_info[0]}{sys.version_info[1]}-{key}"
+
+
+def _build_fake_tier(prefix: Path) -> Path:
+    """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages."""
+    build_dir = _cache_dir()
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--prefix", str(prefix),
+           f"-Cbuild-dir={build_dir}", "-Csetup-args=-Dane_fake=true", str(REPO)]
+    if importlib.util.find_spec("mesonpy") is not None:
+        cmd.insert(4, "--no-build-isolation")  # build tools present: skip the isolated env (~10 s)
+    for attempt in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        if attempt == 0 and build_dir.exists():  # a stale build dir (other meson/python): start clean
+            import shutil
+
+            shutil.rmtree(build_dir, ignore_errors=True)
+            continue
+        pytest.fail(f"building the fake ANE tier failed:\n{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}",
+                    pytrace=False)
+    sites = list(prefix.glob("lib*/python*/site-packages"))
+    assert sites, f"no site-packages under {prefix}"
+    return sites[0]
+
+
+@pytest.mark.skipif(FAKE is not None, reason="already inside the fake build")
+def test_contract_tier(tmp_path_factory):
+    """Build rustane with the fake framework and run the contract tests against it."""
+    require_tools("clang", "gnustep-config", "gcc", hint=HINT)
+    if os.environ.get(INNER_ENV):
+        unavailable("the -Dane_fake=true build did not produce rustane._ane with libfakeane.so")
+    site = _build_fake_tier(tmp_path_factory.mktemp("ane-fake-prefix"))
+    env = dict(os.environ, PYTHONPATH=str(site), **{INNER_ENV: "1"})
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_contract_tier",
+           str(Path(__file__).resolve())]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, f"contract tests failed inside the fake build:\n{out[-8000:]}"
+    summary = out.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
+# ---- inner mode: the contract tests -----------------------------------------------------------------
+HEADER = (
+    "program(1.3)\n"
+    '[buildInfo = dict<string, string>({{"coremlc-component-MIL", "3510.2.1"}, {"coremlc-version", "3505.4.1"}, '
+    '{"coremltools-component-milinternal", ""}, {"coremltools-version", "9.0"}})]\n'
+)
+
+
+def t(shape, dtype="fp16") -> str:
+    return f"tensor<{dtype}, [{', '.join(map(str, shape))}]>"
+
+
+def add_mil(a_shape=(1, 4, 1, 8), b_shape=(1, 4, 1, 8)) -> str:
+    """z = a + b (b broadcasts when narrower); inputs deliberately declared b before a."""
+    return (HEADER + "{\n"
+            f"    func main<ios18>({t(b_shape)} b, {t(a_shape)} a) {{\n"
+            f"        {t(a_shape)} z = add(x=a, y=b)[name=string(\"z\")];\n"
+            "    } -> (z);\n}\n")
+
+
+def weighted_mil(c=4, s=8) -> str:
+    """y = sigmoid(x * W) with W a BLOBFILE const, plus a second output u = x + x (two outputs)."""
+    return (HEADER + "{\n"
+            f"    func main<ios18>({t((1, c, 1, s))} x) {{\n"
+            f"        {t((1, c, 1, s))} W = const()[name=string(\"W\"), val={t((1, c, 1, s))}"
+            "(BLOBFILE(path=string(\"@model_path/weights/w.bin\"), offset=uint64(64)))];\n"
+            f"        {t((1, c, 1, s))} m = mul(x=x, y=W)[name=string(\"m\")];\n"
+            f"        {t((1, c, 1, s))} y = sigmoid(x=m)[name=string(\"y\")];\n"
+            f"        {t((1, c, 1, s))} u = add(x=x, y=x)[name=string(\"u\")];\n"
+            "    } -> (y, u);\n}\n")
+
+
+class Fake:
+    """ctypes view of libfakeane.so's test hooks (the same handle the runtime loaded)."""
+
+    def __init__(self, path: str):
+        lib = ctypes.CDLL(path)
+        for fn in ("fakeane_log_entry", "fakeane_violation"):
+            getattr(lib, fn).restype = ctypes.c_char_p
+            getattr(lib, fn).argtypes = [ctypes.c_size_t]
+        for fn in ("fakeane_log_count", "fakeane_violation_count"):
+            getattr(lib, fn).restype = ctypes.c_size_t
+        lib.fakeane_live_objects.restype = ctypes.c_long
+        lib.fakeane_fail_next.argtypes = [ctypes.c_char_p, ctypes.c_long, ctypes.c_int]
+        self.lib = lib
+
+    def reset(self) -> None:
+        self.lib.fakeane_reset()
+
+    def log(self) -> list[str]:
+        return [self.lib.fakeane_log_entry(i).decode() for i in range(self.lib.fakeane_log_count())]
+
+    def violations(self) -> list[str]:
+        return [self.lib.fakeane_violation(i).decode() for i in range(self.lib.fakeane_violation_count())]
+
+    def live(self) -> int:
+        gc.collect()
+        return self.lib.fakeane_live_objects()
+
+    def fail_next(self, stage: str, code: int, times: int = 1) -> None:
+        self.lib.fakeane_fail_next(stage.encode(), code, times)
+
+
+def renumber(log: list[str]) -> list[str]:
+    """Surface ids are process-wide; number them by first appearance so sequences compare."""
+    ids: dict[str, str] = {}
+
+    def sub(m):
+        return ids.setdefault(m.group(0), f"#{len(ids) + 1}")
+
+    return [re.sub(r"#\d+", sub, line) for line in log]
+
+
+@pytest.fixture(scope="module")
+def fake():
+    if FAKE is None:
+        pytest.skip("runs inside the -Dane_fake=true build (see test_contract_tier)")
+    ane, path = FAKE
+    os.environ[ane.FAKE_ENV] = path
+    reason = ane.unavailable_reason()
+    if reason is not None:
+        unavailable(f"the fake ANE framework did not load: {reason}")
+    return Fake(path)
+
+
+@pytest.fixture
+def backend(fake):
+    from rustane.backends import get
+
+    fake.reset()
+    before = fake.live()
+    yield get("ane")
+    assert fake.violations() == [], "\n".join(fake.violations())
+    assert fake.live() == before, "fake framework objects leaked (not released or not CFReleased)"
+
+
+def _tmp_root() -> Path:
+    from rustane.backends import get
+
+    k = get("ane").compile(add_mil(), {}, "probe_tmp")
+    root = Path(k.tmpdir).parent
+    k.close()
+    return root
+
+
+def _leftover_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("FAKE*"))
+
+
+def test_call_sequence_matches_ane_facts(fake, backend):
+    """ANE_FACTS §1.2 in order: descriptor (NSData MIL, @{} weights, nil options) -> model -> hex id
+    -> compile(21, @{}) -> load -> IO objects -> request (7 objects, procedureIndex @0) -> evaluate
+    -> unload, with every CPU access inside a lock and outputs read under a read-only lock."""
+    k = backend.compile(add_mil(), {}, "add")
+    assert [s.name for s in k.inputs] == ["a", "b"]  # name order, not declaration order
+    a, b = (k.alloc(s) for s in k.inputs)
+    z = k.alloc(k.outputs[0])
+    a.write(np.arange(32, dtype=np.float16).reshape(4, 8))
+    b.write(np.full((4, 8), 0.5, np.float16))
+    req = k.request([a, b], [z])
+    req.eval()
+    out = z.read()
+    k.close()
+    del req, a, b, z
+    gc.collect()
+    np.testing.assert_array_equal(out, np.arange(32, dtype=np.float16).reshape(4, 8) + np.float16(0.5))
+
+    log = renumber(fake.log())
+    expected = [
+        "+[_ANEInMemoryModelDescriptor modelWithMILText:weights:optionsPlist:] NSData NSDictionary[0] nil",
+        "+[_ANEInMemoryModel inMemoryModelWithDescriptor:] _ANEInMemoryModelDescriptor",
+        "-[_ANEInMemoryModel hexStringIdentifier]",
+        "-[_ANEInMemoryModel compileWithQoS:options:error:] 21 NSDictionary[0] NSError**",
+        "-[_ANEInMemoryModel loadWithQoS:options:error:] 21 NSDictionary[0] NSError**",
+        "IOSurfaceCreate NSDictionary[6]",
+        "+[_ANEIOSurfaceObject objectWithIOSurface:] IOSurfaceRef #1",
+        "IOSurfaceCreate NSDictionary[6]",
+        "+[_ANEIOSurfaceObject objectWithIOSurface:] IOSurfaceRef #2",
+        "IOSurfaceCreate NSDictionary[6]",
+        "+[_ANEIOSurfaceObject objectWithIOSurface:] IOSurfaceRef #3",
+        "IOSurfaceLock #1 rw", "IOSurfaceGetBaseAddress #1", "IOSurfaceUnlock #1 rw",
+        "IOSurfaceLock #2 rw", "IOSurfaceGetBaseAddress #2", "IOSurfaceUnlock #2 rw",
+        "+[_ANERequest requestWithInputs:inputIndices:outputs:outputIndices:weightsBuffer:perfStats:procedureIndex:] "
+        "NSArray<_ANEIOSurfaceObject>[2] NSArray<NSNumber>[2] NSArray<_ANEIOSurfaceObject>[1] NSArray<NSNumber>[1] "
+        "nil nil NSNumber(0)",
+        "-[_ANEInMemoryModel evaluateWithQoS:options:request:error:] 21 NSDictionary[0] _ANERequest NSError**",
+        "IOSurfaceLock #3 ro", "IOSurfaceGetBaseAddress #3", "IOSurfaceUnlock #3 ro",
+        "-[_ANEInMemoryModel unloadWithQoS:error:] 21 NSError**",
+    ]
+    assert log[: len(expected)] == expected
+    assert sorted(log[len(expected):]) == ["CFRelease #1", "CFRelease #2", "CFRelease #3"]
+
+
+def test_weights_and_temp_dir(fake, backend):
+    """Blobs go in as {offset: @0, data: NSData} and as 0600 files in a 0700 temp dir that close() removes."""
+    from rustane.mil.blob import write_blob
+
+    w = (np.arange(32, dtype=np.float32).reshape(1, 4, 1, 8) / 16 - 1).astype(np.float16)
+    blob = write_blob(w)
+    k = backend.compile(weighted_mil(), {"@model_path/weights/w.bin": blob}, "weighted")
+    tmp = Path(k.tmpdir)
+    assert stat.S_IMODE(tmp.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp / "weights").stat().st_mode) == 0o700
+    assert (tmp / "model.mil").read_text() == weighted_mil()
+    assert (tmp / "weights" / "w.bin").read_bytes() == blob
+    for f in ("model.mil", "weights/w.bin"):
+        assert stat.S_IMODE((tmp / f).stat().st_mode) == 0o600
+    assert (tmp / "net.plist").exists()  # written by the (fake) compiler, must go too
+    assert fake.log()[0].endswith("NSData NSDictionary[1] nil")
+    k.close()
+    assert not tmp.exists()
+    k.close()  # idempotent
+
+
+def test_identical_models_share_the_temp_dir_until_the_last_closes(fake, backend):
+    k1 = backend.compile(add_mil(), {}, "one")
+    k2 = backend.compile(add_mil(), {}, "two")
+    assert k1.tmpdir == k2.tmpdir  # content-keyed hex id
+    tmp = Path(k1.tmpdir)
+    k1.close()
+    assert (tmp / "model.mil").exists()
+    k2.close()
+    assert not tmp.exists()
+
+
+def test_compile_failure_raises_with_code_and_stage(fake, backend):
+    from rustane.backends.ane import AneError
+
+    root = _tmp_root()
+    before = _leftover_dirs(root)
+    fake.fail_next("compile", 0x1234)
+    with pytest.raises(AneError) as ei:
+        backend.compile(add_mil((1, 2, 1, 8), (1, 2, 1, 8)), {}, "bad")
+    assert (ei.value.code, ei.value.stage) == (0x1234, "compile")
+    assert "0x1234" in str(ei.value)
+    assert _leftover_dirs(root) == before
+
+
+def test_load_failure_once_is_retried(fake, backend):
+    fake.fail_next("load", 0x50004, 1)
+    t0 = time.perf_counter()
+    k = backend.compile(add_mil(), {}, "retry")
+    assert time.perf_counter() - t0 >= 0.09  # the retry waits ~100 ms for slot reclamation
+    loads = [x for x in fake.log() if x.startswith("-[_ANEInMemoryModel loadWithQoS")]
+    assert len(loads) == 2
+    k.close()
+
+
+def test_load_failure_twice_raises_0x50004(fake, backend):
+    from rustane.backends.ane import AneError
+
+    root = _tmp_root()
+    before = _leftover_dirs(root)
+    fake.fail_next("load", 0x50004, 2)
+    with pytest.raises(AneError) as ei:
+        backend.compile(add_mil((1, 3, 1, 8), (1, 3, 1, 8)), {}, "noslot")
+    assert (ei.value.code, ei.value.stage) == (0x50004, "load")
+    assert "retry" in ei.value.message
+    assert _leftover_dirs(root) == before
+
+
+@pytest.mark.parametrize("code", [0x1D, 0])
+def test_eval_failure_raises_and_the_request_stays_usable(fake, backend, code):
+    from rustane.backends.ane import AneError
+
+    k = backend.compile(add_mil(), {}, "evalfail")
+    bufs = [k.alloc(s) for s in k.inputs + k.outputs]
+    req = k.request(bufs[:2], bufs[2:])
+    fake.fail_next("eval", code)
+    with pytest.raises(AneError) as ei:
+        req.eval()
+    # code 0: evaluate said NO and left the NSError nil -> the runtime's own code, never silence
+    assert (ei.value.code, ei.value.stage) == ((code or -2), "eval")
+    req.eval()
+    k.close()
+    del req, bufs
+
+
+def test_bad_weight_key_is_rejected_before_the_framework(fake, backend):
+    from rustane.backends.ane import AneError
+
+    with pytest.raises(AneError) as ei:
+        backend.compile(add_mil(), {"@model_path/../../etc/x.bin": b"\0" * 130}, "evil")
+    assert ei.value.stage == "weights"
+    assert fake.log() == []
+
+
+def test_one_model_many_requests_with_inputs_of_different_sizes(fake, backend):
+    """The per-layer pattern: one compiled model, one request per input surface, reused. Inputs
+    of different sizes are unproven on hardware (the checker refuses them; the probe tries them),
+    but the runtime must bind them faithfully."""
+    from rustane.backends.ane import AneBackend
+
+    k = AneBackend(check=False).compile(add_mil((1, 4, 1, 8), (1, 4, 1, 1)), {}, "bcast")
+    (a_spec, b_spec), (z_spec,) = k.inputs, k.outputs
+    assert (a_spec.nbytes, b_spec.nbytes) == (64, 8)
+    rng = np.random.default_rng(0)
+    layers = []
+    for _ in range(3):
+        a, b, z = k.alloc(a_spec), k.alloc(b_spec), k.alloc(z_spec)
+        a.write(rng.standard_normal((4, 8)).astype(np.float16))
+        b.write(rng.standard_normal((4, 1)).astype(np.float16))
+        layers.append((a, b, z, k.request([a, b], [z])))
+    for _ in range(2):
+        for a, b, z, req in layers:
+            req.eval()
+            want = (a.read().astype(np.float32) + b.read().astype(np.float32)).astype(np.float16)
+            np.testing.assert_array_equal(z.read(), want)
+    assert sum("requestWithInputs" in x for x in fake.log()) == 3
+    k.close()
+    del layers
+
+
+def test_buffers_reject_misuse(fake, backend):
+    k = backend.compile(add_mil(), {}, "misuse")
+    a, b = (k.alloc(s) for s in k.inputs)
+    z = k.alloc(k.outputs[0])
+    with z.lock(readonly=True) as view:
+        with pytest.raises(ValueError):
+            view[0, 0] = 1  # read-only lock -> read-only view
+    with pytest.raises(ValueError, match="the kernel has 2"):
+        k.request([a], [z])
+    req = k.request([a, b], [z])
+    with a.lock():
+        with pytest.raises(RuntimeError, match="locked"):
+            req.eval()  # the ANE must never see a surface the CPU holds
+    k.close()
+    with pytest.raises(ValueError, match="closed"):
+        req.eval()
+    del req, a, b, z
+
+
+def test_fake_detects_rule_breaking(fake):
+    """The fake's checks can fail: write through a read-only lock and read the violation back."""
+    from rustane import _ane
+
+    fake.reset()
+    s = _ane.Surface(16)
+    sid = re.search(r"#(\d+)", fake.log()[-1]).group(1)
+    base = s.lock().ctypes.data
+    s.unlock()
+    assert fake.violations() == []
+    s.lock(readonly=True)
+    ctypes.memset(base, 7, 1)  # bypasses numpy's read-only flag, as C code could
+    s.unlock()
+    v = fake.violations()
+    assert len(v) == 1 and f"IOSurface #{sid} was written while locked read-only" in v[0]
+    fake.reset()
+    del s
+
+
+def _sim_and_ane_outputs(backend, mil: str, blobs: dict, inputs: list[np.ndarray]):
+    from rustane.backends import get
+
+    results = []
+    for be in (get("sim", precision="fp16"), backend):
+        k = be.compile(mil, blobs, "equiv")
+        ins = [k.alloc(s) for s in k.inputs]
+        outs = [k.alloc(s) for s in k.outputs]
+        for b, x in zip(ins, inputs):
+            b.write(x)
+        k.request(ins, outs).eval()
+        results.append([o.read() for o in outs])
+        k.close()
+    return results
+
+
+def test_fp16_bytes_match_the_sim_backend_weighted(fake, backend):
+    from rustane.mil.blob import write_blob
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1, 4, 1, 8)).astype(np.float16)
+    x = rng.standard_normal((4, 8)).astype(np.float16)
+    sim, ane = _sim_and_ane_outputs(backend, weighted_mil(), {"@model_path/weights/w.bin": write_blob(w)}, [x])
+    for s, a in zip(sim, ane):
+        assert s.dtype == a.dtype == np.float16
+        assert s.tobytes() == a.tobytes()
+    # and the numbers are the op's, not just the same garbage twice
+    y_ref = 1 / (1 + np.exp(-(x.astype(np.float32) * w.reshape(4, 8).astype(np.float32)).astype(np.float16)
+                            .astype(np.float32)))
+    np.testing.assert_allclose(ane[1].astype(np.float32), y_ref, atol=2e-3)
+
+
+def test_fp16_bytes_match_the_sim_backend_sdpa_fwd(fake, backend):
+    """A real training kernel (sdpaFwd, with RoPE and mask BLOBFILEs) through the whole ANE path."""
+    from rustane import kernels
+
+    spec = kernels.plan_for(dim=16, hidden=32, n_heads=2, n_kv_heads=1, head_dim=8, seq=8)["sdpaFwd"]
+    mil = kernels.render(spec)
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(spec.in_shape[1:2] + spec.in_shape[3:4]) * 0.5).astype(np.float16)
+    sim, ane = _sim_and_ane_outputs(backend, mil, dict(spec.blobs), [x])
+    assert len(sim) == len(ane) == 1
+    assert sim[0].tobytes() == ane[0].tobytes()
+    assert np.isfinite(ane[0].astype(np.float32)).all() and np.abs(ane[0].astype(np.float32)).max() > 0
+
+
+def test_compile_count_and_availability(fake, backend, monkeypatch):
+    from rustane.backends import ane
+
+    n = backend.compile_count()
+    backend.compile(add_mil((1, 5, 1, 8), (1, 5, 1, 8)), {}, "count").close()
+    assert backend.compile_count() == n + 1
+    monkeypatch.delenv(ane.FAKE_ENV)
+    reason = ane.unavailable_reason()
+    assert reason is not None and ane.FAKE_ENV in reason
+    with pytest.raises(RuntimeError, match="not available"):
+        from rustane.backends import get
+
+        get("ane")
+
+
+if FAKE is None:
+    # Outside the fake build the contract tests below cannot run in this process (rustane._ane
+    # is absent); test_contract_tier runs them in a build that has it. Drop them here so the
+    # report shows one test that ran them, not a column of skips.
+    for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_contract_tier"]:
+        del globals()[_name]
