@@ -80,8 +80,11 @@ def test_all_halves_round_trip(path):
 def test_rounding_boundaries_exhaustive(path):
     """For every pair of adjacent finite halves: the exact midpoint (a tie) and one f32 ulp either side."""
     h = ALL_HALVES.view(np.float16)
-    finite = h[np.isfinite(h) & (ALL_HALVES != 0x7BFF) & (ALL_HALVES != 0xFBFF)].astype(np.float64)
-    nxt = np.nextafter(finite.astype(np.float16), np.copysign(np.inf, finite)).astype(np.float64)
+    f16 = h[np.isfinite(h) & (ALL_HALVES != 0x7BFF) & (ALL_HALVES != 0xFBFF)]
+    away = np.where(np.signbit(f16), np.float16(-np.inf), np.float16(np.inf))
+    nxt16 = np.nextafter(f16, away)  # stays float16: the next half away from zero
+    assert nxt16.dtype == np.float16 and (nxt16 != f16).all()
+    finite, nxt = f16.astype(np.float64), nxt16.astype(np.float64)
     mid = ((finite + nxt) / 2).astype(np.float32)  # exact: halves have 11-bit significands
     assert np.array_equal(mid.astype(np.float64), (finite + nxt) / 2)
     mb = mid.view(np.uint32)

@@ -1,0 +1,214 @@
+"""Benchmark of rustane.native: conversion, Stories110M weight staging, dW queue overlap.
+
+    python bench/native.py --json          # one JSON object on stdout
+
+All figures come from one process, side by side. Bandwidths count fp32 bytes (the larger side).
+Main-thread numpy BLAS and the queue's BLAS are both limited to one thread (OPENBLAS_NUM_THREADS=1
+before numpy loads, DWQueue(blas_threads=1)) so that the overlap figure measures overlap, not two
+libraries fighting over the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from rustane import native  # noqa: E402
+
+D, H, S, NH = 768, 2048, 256, 12  # Stories110M: dim, hidden, seq, heads (MHA: QD = KVD = D)
+
+
+def best_of(fn, reps):
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_conversion(n, reps):
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal(n).astype(np.float32)
+    x16 = x32.astype(np.float16)
+    o16 = np.empty_like(x16)
+    o32 = np.empty_like(x32)
+    c32 = np.empty_like(x32)
+    fp32_gb = x32.nbytes / 1e9
+    for a in (o16, o32, c32):  # fault the pages in before timing
+        a.fill(0)
+    t = {
+        "ours_f32_to_f16": best_of(lambda: native.f32_to_f16(x32, out=o16), reps),
+        "ours_f16_to_f32": best_of(lambda: native.f16_to_f32(x16, out=o32), reps),
+        "numpy_astype_f32_to_f16": best_of(lambda: x32.astype(np.float16), reps),
+        "numpy_astype_f16_to_f32": best_of(lambda: x16.astype(np.float32), reps),
+        "numpy_copyto_f32_to_f16": best_of(lambda: np.copyto(o16, x32, casting="unsafe"), reps),
+        "memcpy_f32": best_of(lambda: np.copyto(c32, x32), reps),
+    }
+    previous = native.set_simd("scalar")
+    try:
+        t["ours_scalar_f32_to_f16"] = best_of(lambda: native.f32_to_f16(x32, out=o16), reps)
+        t["ours_scalar_f16_to_f32"] = best_of(lambda: native.f16_to_f32(x16, out=o32), reps)
+    finally:
+        native.set_simd(previous)
+    out = {"elements": n, "fp32_bytes": x32.nbytes}
+    out.update({f"{k}_GBps": round(fp32_gb / v, 2) for k, v in t.items()})
+    out["speedup_vs_numpy_astype_f32_to_f16"] = round(t["numpy_astype_f32_to_f16"] / t["ours_f32_to_f16"], 1)
+    out["speedup_vs_numpy_astype_f16_to_f32"] = round(t["numpy_astype_f16_to_f32"] / t["ours_f16_to_f32"], 1)
+    return out
+
+
+def layer_plan(rng):
+    """Weights of one layer and the (surface, matrix, column, transpose) list of the kernel plan."""
+    w = {k: (rng.standard_normal(shape) * 0.02).astype(np.float32) for k, shape in
+         [("wq", (D, D)), ("wk", (D, D)), ("wv", (D, D)), ("wo", (D, D)),
+          ("w1", (H, D)), ("w3", (H, D)), ("w2", (D, H))]}
+    surf = {  # kernel inputs [C, SP] fp16, zero-filled (faulted in)
+        "sdpaFwd": np.zeros((D, 2 * S + 4 * D), np.float16),
+        "ffnFused": np.zeros((D, 2 * S + 3 * H), np.float16),
+        "ffnBwdW2t": np.zeros((D, S + H), np.float16),
+        "ffnBwdW13t": np.zeros((H, 3 * S + 2 * D), np.float16),
+        "wotBwd": np.zeros((D, S + D), np.float16),
+        "qkvBwd": np.zeros((D, 3 * S + 3 * D), np.float16),
+    }
+    plan = [
+        ("sdpaFwd", "wq", 2 * S, True), ("sdpaFwd", "wk", 2 * S + D, True),
+        ("sdpaFwd", "wv", 2 * S + 2 * D, True), ("sdpaFwd", "wo", 2 * S + 3 * D, False),
+        ("ffnFused", "w1", 2 * S, True), ("ffnFused", "w3", 2 * S + H, True),
+        ("ffnFused", "w2", 2 * S + 2 * H, False),
+        ("ffnBwdW2t", "w2", S, False),
+        ("ffnBwdW13t", "w1", 3 * S, False), ("ffnBwdW13t", "w3", 3 * S + D, False),
+        ("wotBwd", "wo", S, False),
+        ("qkvBwd", "wq", 3 * S, False), ("qkvBwd", "wk", 3 * S + D, False), ("qkvBwd", "wv", 3 * S + 2 * D, False),
+    ]
+    return w, surf, plan
+
+
+def bench_staging(layers, reps):
+    rng = np.random.default_rng(1)
+    model = [layer_plan(rng) for _ in range(layers)]
+    # memcpy baselines of the same data: every staged matrix copied as fp32, and its fp16 bytes copied
+    f32_copies = [[(w[m], np.zeros_like(w[m])) for _, m, _, _ in plan] for w, _, plan in model]
+    f16_copies = [[(w[m].astype(np.float16), np.zeros(w[m].shape, np.float16)) for _, m, _, _ in plan]
+                  for w, _, plan in model]
+
+    def stage_all():
+        for w, surf, plan in model:
+            for s, m, col, t in plan:
+                native.stage(surf[s], w[m], col, transpose=t)
+
+    def copy_all(copies):
+        for layer in copies:
+            for src, dst in layer:
+                np.copyto(dst, src)
+
+    stage_all()  # correctness spot check of one transposed and one plain block
+    w, surf, _ = model[-1]
+    assert np.array_equal(surf["ffnFused"][:, 2 * S:2 * S + H], w["w1"].T.astype(np.float16))
+    assert np.array_equal(surf["qkvBwd"][:, 3 * S + D:3 * S + 2 * D], w["wk"].astype(np.float16))
+    n_elems = sum(w[m].size for w, _, plan in model for _, m, _, _ in plan)
+    t_stage = best_of(stage_all, reps)
+    t_f32 = best_of(lambda: copy_all(f32_copies), reps)
+    t_f16 = best_of(lambda: copy_all(f16_copies), reps)
+    previous = native.set_simd("scalar")
+    try:
+        t_scalar = best_of(stage_all, max(1, reps // 2))
+    finally:
+        native.set_simd(previous)
+    return {
+        "layers": layers,
+        "elements": n_elems,
+        "fp32_MB": round(n_elems * 4 / 1e6, 1),
+        "stage_ms": round(t_stage * 1e3, 2),
+        "stage_scalar_ms": round(t_scalar * 1e3, 2),
+        "memcpy_fp32_src_ms": round(t_f32 * 1e3, 2),
+        "memcpy_fp16_dst_ms": round(t_f16 * 1e3, 2),
+        "ratio_vs_memcpy_fp32": round(t_stage / t_f32, 2),
+        "ratio_vs_memcpy_fp16": round(t_stage / t_f16, 2),
+        "stage_GBps_fp32": round(n_elems * 4 / 1e9 / t_stage, 2),
+    }
+
+
+def bench_overlap(layers, reps):
+    rng = np.random.default_rng(2)
+    # dW jobs of one step (per layer: W2 <- (dffn, gate), W1/W3 <- (dh, x2n), Wo, Wq, Wk, Wv)
+    shapes = [(D, H), (H, D), (H, D), (D, D), (D, D), (D, D), (D, D)]
+    jobs = []
+    for _ in range(layers):
+        for out, inn in shapes:
+            jobs.append((np.zeros((out, inn), np.float32), rng.standard_normal((out, S)).astype(np.float32),
+                         rng.standard_normal((inn, S)).astype(np.float32)))
+    flops = sum(2 * dw.size * S for dw, _, _ in jobs)
+    q = native.DWQueue(blas_threads=1)
+
+    def queued():
+        for dw, dy, x in jobs:
+            q.submit(dw, dy, x)
+        q.wait()
+
+    a = rng.standard_normal((D, D)).astype(np.float32)
+    b = rng.standard_normal((D, 4 * S)).astype(np.float32)
+    c = np.empty((D, 4 * S), np.float32)
+
+    def main_work(n):
+        for _ in range(n):
+            np.matmul(a, b, out=c)
+
+    queued()
+    t_q = best_of(queued, reps)
+    t1 = best_of(lambda: main_work(4), reps) / 4
+    n_main = max(1, round(t_q / t1))  # calibrate the main-thread work to the queue's length
+    t_m = best_of(lambda: main_work(n_main), reps)
+
+    def both():
+        for dw, dy, x in jobs:
+            q.submit(dw, dy, x)
+        main_work(n_main)
+        q.wait()
+
+    t_both = best_of(both, reps)
+    scope = q.blas_thread_scope
+    q.close()
+    return {
+        "layers": layers,
+        "jobs": len(jobs),
+        "queue_GFLOPs": round(flops / 1e9, 2),
+        "queue_alone_ms": round(t_q * 1e3, 2),
+        "main_alone_ms": round(t_m * 1e3, 2),
+        "wall_both_ms": round(t_both * 1e3, 2),
+        "ratio_wall_over_max_parts": round(t_both / max(t_q, t_m), 3),
+        "ratio_wall_over_sum_parts": round(t_both / (t_q + t_m), 3),
+        "queue_blas_threads": 1,
+        "queue_blas_thread_scope": scope,
+        "main_numpy_blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "snapshot_copies": True,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
+    ap.add_argument("--elements", type=int, default=1 << 24, help="conversion size (default 16M = 64 MiB fp32)")
+    ap.add_argument("--layers", type=int, default=12, help="transformer layers staged / dW-queued (default 12)")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    result = {
+        "simd": native.simd(),
+        "cpu_count": os.cpu_count(),
+        "conversion": bench_conversion(args.elements, args.reps),
+        "staging": bench_staging(args.layers, args.reps),
+        "dw_overlap": bench_overlap(args.layers, args.reps),
+    }
+    json.dump(result, sys.stdout, indent=None if args.json else 2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
