@@ -344,7 +344,7 @@ def _split(tokens: np.ndarray, seq_len: int, val_fraction: float, name: str
     return tokens[:cut], tokens[cut:]
 
 
-def builtin_corpus(vocab_size: int, *, n_stories: int = 20000, seed: int = 0,
+def builtin_corpus(vocab_size: int, *, n_stories: int = 10000, seed: int = 0,
                    root: str | os.PathLike | None = None) -> tuple[np.ndarray, Any, Path]:
     """The generated story corpus as token ids, with its BPE tokenizer (both cached).
 
@@ -372,7 +372,7 @@ def builtin_corpus(vocab_size: int, *, n_stories: int = 20000, seed: int = 0,
 def open_dataset(source: str | os.PathLike | None, cfg, *, val_fraction: float = 0.05,
                  val_path: str | os.PathLike | None = None,
                  tokenizer: str | os.PathLike | None = None,
-                 n_stories: int = 20000, cache: str | os.PathLike | None = None) -> TokenData:
+                 n_stories: int = 10000, cache: str | os.PathLike | None = None) -> TokenData:
     """Open training data for model config ``cfg`` (uses ``cfg.vocab_size`` and ``cfg.seq_len``).
 
     The validation split is ``val_path`` (a token file) when given, else the last

@@ -8,9 +8,19 @@ import math
 import numpy as np
 import pytest
 
-from tests.tiers import require_module
+from tests.tiers import require_module, unavailable
 
-cpu = pytest.importorskip("rustane.cpu_ops", reason="rustane._cpu not built (run from an install)")
+try:
+    from rustane import cpu_ops as cpu
+except ImportError as exc:  # source tree without the compiled extension
+    cpu = None
+    _why = str(exc)
+
+
+@pytest.fixture(autouse=True)
+def _need_build():
+    if cpu is None:
+        unavailable(f"rustane._cpu not built; test from an install: {_why}")
 
 RNG = np.random.default_rng(1234)
 

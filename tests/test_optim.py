@@ -8,11 +8,14 @@ import pytest
 
 from rustane.optim import (AdamW, CosineSchedule, DynamicLossScaler, StaticLossScaler,
                            apply_update, clip_coefficient, is_no_decay, make_loss_scaler)
-from tests.tiers import require_module
+from tests.tiers import require_module, unavailable
 
 
 def _need_cpu():
-    pytest.importorskip("rustane.cpu_ops", reason="rustane._cpu not built (run from an install)")
+    try:
+        import rustane.cpu_ops  # noqa: F401
+    except ImportError as exc:
+        unavailable(f"rustane._cpu not built; test from an install: {exc}")
 
 
 # ---- schedule ----
