@@ -1,0 +1,158 @@
+"""The simulator backend: runs MIL programs with the numpy interpreter (``rustane.mil.interp``).
+
+``SimBackend(precision="fp16", check=True, target="m4", io_dtype=None)``
+
+* ``precision="fp16"`` models the ANE: fp16 storage, every op computes in fp32 and rounds its
+  result to fp16 (see ``rustane.mil.interp`` for the exact model and where hardware may differ).
+  ``precision="fp32"`` is exact fp32 math: nothing is rounded inside the program.
+* ``check=True`` runs the ANE rule checker (``rustane.mil.check``) for ``target`` at compile
+  time: errors raise ``MilCheckError`` (the ANE would reject or miscompute the program, so the
+  simulator refuses it too); warnings are kept on ``kernel.diagnostics``.
+* ``io_dtype``: the dtype of the I/O buffers. ``None`` (default) follows the MIL signature, as
+  the ANE does: fp16-declared inputs/outputs are fp16 buffers. In fp32 precision that means the
+  program computes in fp32 from fp16-valued inputs and its outputs are rounded to fp16 once, on
+  the way out. ``io_dtype="fp32"`` exposes every fp16-declared input/output as an fp32 buffer
+  instead, so fp32 precision runs exact math end to end (fp32 in, fp32 out; this is what
+  gradient tests against PyTorch use). With ``precision="fp16"`` and ``io_dtype="fp32"``, inputs
+  are rounded to fp16 on entry and outputs widened on exit (a convenience; the numbers equal the
+  fp16-I/O run). Non-float I/O (int8, int32, bool) always keeps its MIL dtype.
+
+Kernels bind buffers in alphabetical order of the MIL names (``Kernel.inputs``/``outputs``),
+and a ``[1, C, 1, S]`` tensor's buffer is viewed as ``(C, S)``, exactly as on the ANE.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .base import Backend, Buffer, HostBuffer, Kernel, Request, TensorSpec
+
+__all__ = ["SimBackend", "SimKernel", "SimRequest", "validate_buffers"]
+
+_IO_DTYPES = (None, "fp16", "fp32")
+
+
+def validate_buffers(kernel: Kernel, ins: Sequence[Buffer], outs: Sequence[Buffer]) -> None:
+    """Check that ``ins``/``outs`` are host buffers matching ``kernel.inputs``/``outputs`` in
+    order, shape and dtype, with no buffer bound twice. Raises ValueError/TypeError naming the
+    tensor, what was expected and how to get it right."""
+    for what, bufs, specs in (("input", ins, kernel.inputs), ("output", outs, kernel.outputs)):
+        bufs = list(bufs)
+        if len(bufs) != len(specs):
+            raise ValueError(
+                f"kernel {kernel.name!r} takes {len(specs)} {what}(s) in this order: "
+                f"{', '.join(s.name for s in specs) or '(none)'}; got {len(bufs)} buffer(s)"
+            )
+        for i, (b, s) in enumerate(zip(bufs, specs)):
+            if not isinstance(b, HostBuffer):
+                raise TypeError(
+                    f"kernel {kernel.name!r} {what} {i} ({s.name!r}): expected a HostBuffer from "
+                    f"kernel.alloc(), got {type(b).__name__}"
+                )
+            bs = b.spec
+            if tuple(bs.shape) != tuple(s.shape) or np.dtype(bs.dtype) != np.dtype(s.dtype):
+                raise ValueError(
+                    f"kernel {kernel.name!r} {what} {i} ({s.name!r}) needs a {np.dtype(s.dtype).name} "
+                    f"buffer of MIL shape {list(s.shape)}, got {np.dtype(bs.dtype).name} {list(bs.shape)} "
+                    f"(buffer allocated for {bs.name!r}); allocate with kernel.alloc(kernel.{what}s[{i}]) "
+                    f"and pass buffers in the order of kernel.{what}s (alphabetical by MIL name)"
+                )
+    seen: dict[int, str] = {}
+    for what, bufs in (("input", ins), ("output", outs)):
+        for b in bufs:
+            prev = seen.get(id(b))
+            if prev is not None and (what == "output" or prev == "output"):
+                raise ValueError(
+                    f"kernel {kernel.name!r}: buffer for {b.spec.name!r} is bound as both {prev} and "
+                    f"{what}; use separate buffers (the ANE reads inputs while writing outputs)"
+                )
+            seen[id(b)] = what
+
+
+def _specs(plan, names: Sequence[str], io_dtype: str | None) -> tuple[TensorSpec, ...]:
+    from rustane.mil.ast import DTYPES
+
+    specs = []
+    for n in sorted(names):
+        info = plan.values[n]
+        dt = DTYPES[info.dtype]
+        if io_dtype is not None and info.dtype in ("fp16", "fp32"):
+            dt = DTYPES[io_dtype]
+        specs.append(TensorSpec(n, np.dtype(dt), tuple(info.shape)))
+    return tuple(specs)
+
+
+class SimRequest(Request):
+    __slots__ = ("_runner", "_run")
+
+    def __init__(self, runner):
+        self._runner = runner
+        self._run = runner.run
+
+    def eval(self) -> None:
+        self._run()
+
+
+class SimKernel(Kernel):
+    def __init__(self, name: str, plan, io_dtype: str | None, diagnostics: list):
+        self.name = name
+        self.plan = plan
+        self.diagnostics = list(diagnostics)
+        self.inputs = _specs(plan, plan.input_names, io_dtype)
+        self.outputs = _specs(plan, plan.output_names, io_dtype)
+        if len(set(plan.output_names)) != len(plan.output_names):
+            raise ValueError(f"kernel {name!r}: a name is returned twice in {plan.output_names}")
+        self._closed = False
+
+    def alloc(self, spec: TensorSpec) -> HostBuffer:
+        if spec not in self.inputs and spec not in self.outputs:
+            raise ValueError(
+                f"kernel {self.name!r} has no input or output spec {spec}; use one of kernel.inputs / kernel.outputs"
+            )
+        return HostBuffer(spec)
+
+    def request(self, inputs: Sequence[Buffer], outputs: Sequence[Buffer]) -> SimRequest:
+        if self._closed:
+            raise RuntimeError(f"kernel {self.name!r} is closed")
+        validate_buffers(self, inputs, outputs)
+        ins = {s.name: b._data for s, b in zip(self.inputs, inputs)}
+        outs = {s.name: b._data for s, b in zip(self.outputs, outputs)}
+        return SimRequest(self.plan.bind(ins, outs))
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class SimBackend(Backend):
+    name = "sim"
+
+    def __init__(self, precision: str = "fp16", check: bool = True, target: str = "m4", io_dtype: str | None = None):
+        if precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+        if io_dtype not in _IO_DTYPES:
+            raise ValueError(f"io_dtype must be None (follow the MIL signature), 'fp16' or 'fp32', got {io_dtype!r}")
+        self.precision = precision
+        self.check = check
+        self.target = target
+        self.io_dtype = io_dtype
+
+    def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> SimKernel:
+        from rustane.mil.interp import compile_program
+        from rustane.mil.parser import parse
+
+        program = parse(mil_text)
+        diagnostics: list = []
+        if self.check:
+            from rustane.mil.check import check
+            from rustane.mil.errors import MilCheckError
+
+            diagnostics = list(check(program, self.target))
+            if any(d.is_error for d in diagnostics):
+                raise MilCheckError(diagnostics, name or None)
+        plan = compile_program(program, blobs or {}, self.precision)
+        return SimKernel(name or "main", plan, self.io_dtype, [d for d in diagnostics if not d.is_error])
+
+    def __repr__(self) -> str:
+        return f"SimBackend(precision={self.precision!r}, check={self.check}, target={self.target!r}, io_dtype={self.io_dtype!r})"
