@@ -195,3 +195,19 @@ def test_null_backend_specs_match_sim_and_eval_does_nothing():
         kn.request(ins, outs[:1])
     dm = dyn_matmul_text(16, 8, 32)
     assert SimBackend(check=False).compile(dm).outputs == NullBackend().compile(dm).outputs
+
+
+def test_io_dtype_fp32_with_fp16_precision_rounds_inputs_on_entry():
+    b = MilBuilder()
+    b.input("x", "fp16", (1, 4, 1, 8))
+    b.const("one", np.float16(1.0))
+    b.op("y", "add", "fp16", (1, 4, 1, 8), x="x", y="one")
+    k = SimBackend(precision="fp16", io_dtype="fp32", check=False).compile(b.text(["y"]))
+    assert k.inputs[0].dtype == F32 and k.outputs[0].dtype == F32
+    bi, bo = k.alloc(k.inputs[0]), k.alloc(k.outputs[0])
+    x = np.full((4, 8), 1e-4, F32)  # 1 + 1e-4 is not an fp16 number: rounds to 1 in fp16
+    bi.write(x)
+    k.eval([bi], [bo])
+    expect = (x.astype(F16).astype(np.float64) + 1).astype(F16).astype(F32)
+    np.testing.assert_array_equal(bo.read(), expect)
+    assert np.all(bo.read() == 1.0)

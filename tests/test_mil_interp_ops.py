@@ -734,3 +734,32 @@ def test_constant_folding_of_const_only_statements():
     assert [n.name for n in plan.nodes] == ["y"]  # a2 was folded
     y = plan.run({"x": np.ones((1, 3), F16)})["y"]
     np.testing.assert_array_equal(y, [[3, 5, 7]])
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_sdpa(mask):
+    h, L, S, E = 3, 5, 6, 4
+    q, k, v = rnd((1, h, L, E), 1), rnd((1, h, S, E), 2), rnd((1, h, S, E + 1), 3)
+    xs = {"query": q, "key": k, "value": v}
+    causal = np.tril(np.ones((L, S), bool))[None, None]
+    if mask == "bool":
+        xs["attn_mask"] = causal
+    elif mask == "float":
+        xs["attn_mask"] = np.where(causal, 0.0, -65504.0)
+    out, ins = one("scaled_dot_product_attention", xs, {}, (1, h, L, E + 1), "fp32")
+    sc = np.einsum("bhle,bhse->bhls", f64(ins["query"]), f64(ins["key"])) / math.sqrt(E)
+    if mask is not None:
+        sc = np.where(causal, sc, -np.inf)
+    p = np.exp(sc - sc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, np.einsum("bhls,bhse->bhle", p, f64(ins["value"])), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_argument_is_an_error():
+    b = MilBuilder()
+    b.input("x", "fp16", (2, 3))
+    b.input("w", "fp16", (3, 2))
+    b.const("bT", True)
+    b.op("y", "matmul", "fp16", (2, 2), x="x", y="w", transpose_Y="bT")
+    with pytest.raises(MilPlanError, match=r"unknown argument\(s\) transpose_Y .*transpose_y"):
+        compile_program(parse(b.text(["y"])))

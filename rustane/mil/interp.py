@@ -317,6 +317,7 @@ def compile_program(
             )
         oc = ops.OpCompiler(st, values, precision, blobs)
         node = builder(oc)
+        oc.check_unused()
         if isinstance(node, ValueInfo):  # folded at compile time (constexpr ops)
             _check_type(st, node.dtype, node.shape)
             values[st.name] = node

@@ -51,6 +51,7 @@ class OpCompiler:
         self.values = values
         self.precision = precision
         self.blobs = blobs
+        self.used: set[str] = set()  # argument names the builder read (others are typos)
 
     # -- errors ---------------------------------------------------------------------------
     def fail(self, msg: str, loc: A.Loc | None = None):
@@ -58,7 +59,16 @@ class OpCompiler:
 
     # -- arguments ------------------------------------------------------------------------
     def has(self, name: str) -> bool:
+        self.used.add(name)
         return name in self.st.args
+
+    def check_unused(self) -> None:
+        extra = [a for a in self.st.args if a not in self.used]
+        if extra:
+            self.fail(
+                f"unknown argument(s) {', '.join(extra)} (this op reads: {', '.join(sorted(self.used)) or 'none'})",
+                getattr(self.st.args[extra[0]], "loc", None),
+            )
 
     def _value(self, name: str, v) -> ValueInfo:
         if isinstance(v, A.Ref):
@@ -83,6 +93,7 @@ class OpCompiler:
 
     def tensor(self, name: str, required: bool = True) -> ValueInfo | None:
         """A tensor operand (runtime or constant)."""
+        self.used.add(name)
         v = self.st.args.get(name)
         if v is None:
             if required:
@@ -94,6 +105,7 @@ class OpCompiler:
         return info
 
     def tensors(self, name: str) -> list[ValueInfo]:
+        self.used.add(name)
         v = self.st.args.get(name)
         if v is None:
             self.fail(f"missing required argument {name!r}")
@@ -107,9 +119,9 @@ class OpCompiler:
     def static(self, name: str, default=_REQUIRED, attrs: bool = False):
         """A compile-time constant argument (numpy array in its MIL dtype, or str)."""
         src = self.st.attrs if attrs else self.st.args
+        if not attrs:
+            self.used.add(name)
         v = src.get(name)
-        if v is None and not attrs:
-            v = None
         if v is None:
             if default is _REQUIRED:
                 self.fail(f"missing required argument {name!r}")
@@ -1111,3 +1123,64 @@ def _constexpr_affine_dequantize(c: OpCompiler):
     const = vals.astype(sto)
     const.flags.writeable = False
     return ValueInfo(c.st.name, out_dt, tuple(qd.shape), sto, const=const, raw=vals)
+
+
+@op("scaled_dot_product_attention")
+def _sdpa(c: OpCompiler):
+    # iOS18 op: softmax(Q Kᵀ / sqrt(E) + mask) V, computed fused in fp32 with one final rounding.
+    # (The ANE is reported to ignore attn_mask; the checker rejects masked SDPA, the simulator
+    # applies the documented semantics.)
+    q, k, v = c.tensor("query"), c.tensor("key"), c.tensor("value")
+    m = c.tensor("attn_mask", required=False)
+    c.same_dtype(q, k, v)
+    c.need_float(q)
+    if min(len(q.shape), len(k.shape), len(v.shape)) < 2:
+        c.fail("query, key and value need rank >= 2 ([B, *, L, E])")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        c.fail(f"query {list(q.shape)}, key {list(k.shape)}, value {list(v.shape)}: need E of query = E of key "
+               "and S of key = S of value")
+    scores_shape = _matmul_shape(c, q.shape, k.shape, False, True)
+    shape = _matmul_shape(c, scores_shape, v.shape, False, False)
+    if m is not None:
+        try:
+            np.broadcast_shapes(m.shape, scores_shape)
+        except ValueError:
+            c.fail(f"attn_mask {list(m.shape)} does not broadcast to the scores {list(scores_shape)}")
+        if m.dtype != "bool" and m.dtype != q.dtype:
+            c.fail(f"attn_mask must be bool or {q.dtype}, got {m.dtype}")
+    scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
+    infos = [q, k, v] + ([m] if m is not None else [])
+
+    def make(ins, out, bctx):
+        steps, f = [], []
+        for i, a in enumerate(ins[:3]):
+            a32, refresh = _f32(a, bctx, i)
+            if refresh:
+                steps.append(refresh)
+            f.append(a32)
+        s = bctx.scratch(scores_shape, F32)
+        red = bctx.scratch(scores_shape[:-1] + (1,), F32)
+        acc = out if out.dtype == F32 else bctx.scratch(out.shape, F32)
+        mask = ins[3] if len(ins) == 4 else None
+
+        def step(_q=f[0], _k=f[1], _v=f[2], _s=s, _r=red, _m=mask, _acc=acc):
+            np.matmul(_q, np.swapaxes(_k, -1, -2), out=_s)
+            np.multiply(_s, scale, out=_s)
+            if _m is not None:
+                if _m.dtype == np.bool_:
+                    np.copyto(_s, -np.inf, where=~_m)
+                else:
+                    np.add(_s, _m, out=_s, dtype=F32)
+            np.maximum.reduce(_s, axis=-1, keepdims=True, out=_r)
+            np.subtract(_s, _r, out=_s)
+            np.exp(_s, out=_s)
+            np.add.reduce(_s, axis=-1, keepdims=True, out=_r)
+            np.divide(_s, _r, out=_s)
+            np.matmul(_s, _v, out=_acc)
+
+        steps.append(step)
+        if acc is not out:
+            steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+        return steps
+
+    return c.node(infos, q.dtype, shape, make)
