@@ -75,17 +75,14 @@ class Source:
 def _number(src: Source, text: str, offset: int) -> Token:
     if len(text) > MAX_NUMBER_CHARS:
         raise src.error(f"number literal longer than {MAX_NUMBER_CHARS} characters", offset)
+    if not (_DEC_INT.match(text) or _HEX_INT.match(text) or _DEC_FLOAT.match(text) or _HEX_FLOAT.match(text)):
+        raise src.error(f"malformed number {text!r}", offset)
     try:
         if _DEC_INT.match(text):
             return Token("int", text, offset, int(text))
         if _HEX_INT.match(text):
             return Token("int", text, offset, int(text, 16))
-        if _DEC_FLOAT.match(text):
-            value = float(text)
-        elif _HEX_FLOAT.match(text):
-            value = float.fromhex(text)
-        else:
-            raise src.error(f"malformed number {text!r}", offset)
+        value = float(text) if _DEC_FLOAT.match(text) else float.fromhex(text)
     except (ValueError, OverflowError):
         raise src.error(f"number {text!r} is out of range", offset) from None
     if value in (float("inf"), float("-inf")):
@@ -118,9 +115,9 @@ def tokenize(text: str) -> tuple[list[Token], Source]:
     """Split ``text`` into tokens (ending with one ``eof`` token); raises MilSyntaxError."""
     if not isinstance(text, str):
         raise TypeError(f"MIL text must be str, not {type(text).__name__}")
-    src = Source(text)
     if len(text) > MAX_TEXT_CHARS:
         raise MilSyntaxError(f"MIL text too large ({len(text)} characters, limit {MAX_TEXT_CHARS})", 1, 1, None)
+    src = Source(text)
     tokens: list[Token] = []
     pos = 0
     n = len(text)

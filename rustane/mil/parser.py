@@ -392,7 +392,8 @@ class _Parser:
             flat, tokens, nested_shape = self.element_list(ltype)
             self.expect(")", "after the tensor value")
             array = self.to_array(flat, tokens, ltype)
-            if nested_shape is not None and nested_shape != ltype.shape:
+            # With a zero-sized dimension the nesting below it is invisible ([[]] for [1, 0, 0]).
+            if nested_shape is not None and nested_shape != ltype.shape and array.size:
                 raise self.error(
                     f"tensor value has nested shape {list(nested_shape)} but the type says {list(ltype.shape)}",
                     start,

@@ -53,7 +53,7 @@ def render_text(text: str, _template_name: str = "<text>", **params) -> str:
     missing: list[str] = []
     for m in tpl.pattern.finditer(text):
         if m.group("invalid") is not None:
-            off = m.start("invalid")
+            off = m.start()  # the "$" itself
             line = _line_of(text, off)
             col = off - (text.rfind("\n", 0, off) + 1) + 1
             raise MilTemplateError(
