@@ -53,7 +53,10 @@ class Ops:
         return self.st(np.multiply(a, b, dtype=F32))
 
     def sigmoid(self, a):
-        return self.st(1.0 / (1.0 + np.exp(-a.astype(F32))))
+        # the overflow-free form the simulator uses: σ(x) = (x ≥ 0 ? 1 : e) / (1 + e), e = exp(−|x|)
+        a = a.astype(F32, copy=False)
+        e = np.exp(-np.abs(a))
+        return self.st(np.where(a >= 0, F32.type(1), e) / (1 + e))
 
     def softmax(self, a):
         s = a.astype(F32)
