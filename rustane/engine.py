@@ -1,0 +1,373 @@
+"""The public API scripts and the CLI share: build a model, train, evaluate, save, generate.
+
+    from rustane.engine import Engine, TrainConfig
+    eng = Engine("tiny", backend="sim", precision="fp16", seed=0)
+    stats = eng.train_step((x, y))            # x, y: int [accum, seq_len]
+    eng.save("runs/x/step-00000010")
+    eng = Engine.from_checkpoint("runs/x/step-00000010")
+
+``Engine.fit`` is the whole training loop (sampling, eval, checkpoints, metrics.jsonl); the CLI
+(``python -m rustane.train``) only parses flags, builds an Engine and shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from rustane import checkpoint
+from rustane.config import ModelConfig, preset
+from rustane.model import Model
+from rustane.optim import AdamW, CosineSchedule, apply_update, make_loss_scaler
+
+log = logging.getLogger("rustane.engine")
+
+__all__ = ["Engine", "TrainConfig", "StepStats", "make_backend", "kernel_flops_per_sequence"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the CLI flags of the same names)."""
+
+    lr: float = 1e-3
+    min_lr: float | None = None  # None -> lr / 10
+    warmup: int = 50
+    steps: int = 1000  # the schedule's length in optimizer steps
+    accum: int = 1  # sequences per optimizer step
+    clip: float | None = 1.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    loss_scale: str | float = "dynamic"
+
+    def validate(self) -> "TrainConfig":
+        errs = []
+        if not self.lr > 0:
+            errs.append(f"--lr must be > 0, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            errs.append(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.steps < 1:
+            errs.append(f"--steps must be >= 1, got {self.steps}")
+        if self.warmup < 0:
+            errs.append(f"--warmup must be >= 0, got {self.warmup}")
+        if self.accum < 1:
+            errs.append(f"--accum must be >= 1, got {self.accum}")
+        if self.clip is not None and not self.clip > 0:
+            errs.append(f"--clip must be > 0 (or omitted), got {self.clip}")
+        if self.weight_decay < 0:
+            errs.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if errs:
+            raise ValueError("invalid training settings:\n  " + "\n  ".join(errs))
+        make_loss_scaler(self.loss_scale)  # raises on a bad --loss-scale
+        return self
+
+    def schedule(self) -> CosineSchedule:
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        return CosineSchedule(self.lr, total=self.steps, warmup=min(self.warmup, self.steps), min_lr=min_lr)
+
+
+@dataclass
+class StepStats:
+    step: int  # optimizer steps done after this one
+    loss: float  # mean loss over the step's sequences
+    lr: float
+    grad_norm: float
+    loss_scale: float
+    skipped: bool  # overflow: update skipped, scale reduced
+    tokens: int
+    seconds: float
+    ms: dict[str, float] = field(default_factory=dict)  # per phase
+    evals: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def make_backend(name: str = "auto", precision: str = "fp16"):
+    """A backend for training: ``sim`` in fp32 uses fp32 buffers too (exact math end to end)."""
+    from rustane import backends
+
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
+    if name in ("sim", "auto") and precision == "fp32":
+        if name == "auto" and backends.available().get("ane") == "":
+            raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
+                             "(use --backend sim for fp32)")
+        return backends.get("sim", precision="fp32", io_dtype="fp32")
+    if name == "sim":
+        return backends.get("sim", precision="fp16")
+    if name == "ane" and precision == "fp32":
+        raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16")
+    return backends.get(name, precision=precision) if name == "auto" else backends.get(name)
+
+
+def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
+    """Matmul FLOPs of all kernel evals for one sequence (forward + backward dx, no dW)."""
+    S, D, H, QD, KVD = cfg.seq_len, cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim
+    linear = 2 * S * (D * QD + 2 * D * KVD + QD * D + 3 * D * H)  # q,k,v,o + w1,w3,w2
+    attn_fwd = 4 * S * S * QD  # scores + P·V
+    attn_bwd = 10 * S * S * QD  # recomputed scores, dV, dP, dQ, dK
+    return float(cfg.n_layers * (2 * linear + attn_fwd + attn_bwd))
+
+
+class Engine:
+    def __init__(self, config: ModelConfig | str = "tiny", backend: str | Any = "auto",
+                 precision: str = "fp16", seed: int = 0, train: TrainConfig | None = None,
+                 params: dict[str, np.ndarray] | None = None):
+        self.config = preset(config) if isinstance(config, str) else config
+        self.config.validate()
+        self.precision = precision
+        self.backend = make_backend(backend, precision) if isinstance(backend, str) else backend
+        self.seed = int(seed)
+        self.train_config = (train or TrainConfig()).validate()
+        self.model = Model(self.config, self.backend, params, seed=self.seed)
+        tc = self.train_config
+        self.optimizer = AdamW(self.model.params, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                               weight_decay=tc.weight_decay)
+        self.scaler = make_loss_scaler(tc.loss_scale)
+        self.schedule = tc.schedule()
+        self.step = 0
+        self.trainer_state: dict[str, Any] = {}  # what a loaded checkpoint carried (data cursor...)
+        self.sampler = None
+
+    # ---- construction from a checkpoint ---------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, backend: str | Any = "auto", precision: str = "fp16",
+                        train: TrainConfig | None = None, expected: ModelConfig | None = None,
+                        load_optimizer: bool = True) -> "Engine":
+        """Restore an engine. ``train`` overrides the saved training settings (a warning names what
+        changed, since exact resume needs the same ones); ``expected`` refuses a different model."""
+        ck = checkpoint.load(path, expected, load_optimizer=load_optimizer)
+        state = ck.trainer_state
+        saved_train = TrainConfig(**state["train"]) if "train" in state else None
+        if train is not None and saved_train is not None and train != saved_train:
+            a, b = asdict(saved_train), asdict(train)
+            log.warning("training settings differ from the checkpoint's (resume will not be exact): %s",
+                        ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]))
+        eng = cls(ck.config, backend, precision, seed=int(state.get("seed", 0)),
+                  train=train or saved_train, params=ck.params)
+        if load_optimizer and ck.optimizer_tensors:
+            eng.optimizer.load_state(ck.optimizer_tensors, ck.optimizer_meta)
+        if "loss_scaler" in state and state["loss_scaler"].get("type") == (
+                "dynamic" if eng.train_config.loss_scale == "dynamic" else "static"):
+            eng.scaler.load_state_dict(state["loss_scaler"])
+        eng.step = ck.step
+        eng.trainer_state = state
+        return eng
+
+    # ---- training -------------------------------------------------------------------------
+
+    def _as_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        S = self.config.seq_len
+        if isinstance(batch, tuple) and len(batch) == 2:
+            x, y = (np.atleast_2d(np.asarray(b)) for b in batch)
+        else:
+            t = np.atleast_2d(np.asarray(batch))
+            if t.shape[-1] != S + 1:
+                raise ValueError(f"batch: expected (x, y) or tokens [B, seq_len+1={S + 1}], got shape {t.shape}")
+            x, y = t[:, :-1], t[:, 1:]
+        if x.shape != y.shape or x.shape[-1] != S:
+            raise ValueError(f"batch: x and y must both be [B, seq_len={S}], got {x.shape} and {y.shape}")
+        return x, y
+
+    def train_step(self, batch) -> StepStats:
+        """One optimizer step over the batch's sequences (gradient accumulation over its rows)."""
+        x, y = self._as_batch(batch)
+        m, timer = self.model, self.model.timer
+        timer.reset()
+        t_start = time.perf_counter()
+        scale = self.scaler.scale
+        losses = [m.forward_backward(x[i], y[i], loss_scale=scale) for i in range(len(x))]
+        grads = m.finish_gradients()
+        t0 = time.perf_counter()
+        lr = self.schedule(self.step)
+        info = apply_update(self.optimizer, grads, self.scaler, lr, max_norm=self.train_config.clip, accum=len(x))
+        m.zero_grads()
+        if info.applied:
+            m.stage_weights()
+        timer.seconds["optimizer"] += time.perf_counter() - t0
+        self.step += 1
+        seconds = time.perf_counter() - t_start
+        return StepStats(step=self.step, loss=float(np.mean(losses)), lr=lr, grad_norm=info.grad_norm,
+                         loss_scale=info.loss_scale, skipped=not info.applied, tokens=x.size,
+                         seconds=seconds, ms=timer.ms(), evals=timer.evals)
+
+    def evaluate(self, batches: Iterable, max_batches: int | None = None) -> float:
+        """Mean loss over ``(x, y)`` batches (e.g. ``TokenData.val_batches()``), forward only."""
+        total, n = 0.0, 0
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = self._as_batch(batch)
+            for r in range(len(x)):
+                total += self.model.loss(x[r], y[r])
+                n += 1
+        if n == 0:
+            raise ValueError("evaluate: no validation batches (is the validation split shorter than seq_len + 1?)")
+        return total / n
+
+    # ---- inference ------------------------------------------------------------------------
+
+    def forward(self, tokens) -> np.ndarray:
+        """Logits ``[n, vocab]`` for ``n <= seq_len`` tokens (causal: padding after them is inert)."""
+        t = np.asarray(tokens, dtype=np.int64).ravel()
+        S = self.config.seq_len
+        if not 0 < t.size <= S:
+            raise ValueError(f"forward: expected 1..{S} tokens (seq_len), got {t.size}")
+        padded = np.zeros(S, dtype=np.int32)
+        padded[:t.size] = t
+        return self.model.logits(padded)[:, :t.size].T.copy()
+
+    def generate(self, prompt: list[int] | np.ndarray, n: int = 100, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, stop_id: int | None = None) -> list[int]:
+        """Sample ``n`` tokens after ``prompt`` (a window of the last seq_len tokens is the context)."""
+        if temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {top_k}")
+        rng = np.random.Generator(np.random.PCG64(self.seed if seed is None else seed))
+        ids = [int(i) for i in np.asarray(prompt).ravel()]
+        if not ids:
+            raise ValueError("generate: the prompt must hold at least one token")
+        S, out = self.config.seq_len, []
+        for _ in range(n):
+            ctx = ids[-S:]
+            logits = self.forward(ctx)[-1].astype(np.float64)
+            if temperature == 0:
+                nxt = int(np.argmax(logits))
+            else:
+                logits /= temperature
+                if top_k is not None and top_k < logits.size:
+                    kth = np.partition(logits, -top_k)[-top_k]
+                    logits[logits < kth] = -np.inf
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                nxt = int(rng.choice(p.size, p=p))
+            ids.append(nxt)
+            out.append(nxt)
+            if stop_id is not None and nxt == stop_id:
+                break
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        st = {"seed": self.seed, "train": asdict(self.train_config), "loss_scaler": self.scaler.state_dict(),
+              "precision": self.precision, "backend": getattr(self.backend, "name", str(self.backend))}
+        if self.sampler is not None:
+            st["data"] = self.sampler.state_dict()
+        return st
+
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint directory atomically (model, optimizer, trainer state)."""
+        self.model.finish_gradients()
+        st = self.state()
+        st.update(extra or {})
+        return checkpoint.save(path, self.config, self.model.params, step=self.step,
+                               optimizer_tensors=self.optimizer.state_tensors(),
+                               optimizer_meta=self.optimizer.state_meta(), trainer_state=st)
+
+    # ---- the training loop ----------------------------------------------------------------
+
+    def fit(self, data, steps: int | None = None, *, out: str | os.PathLike | None = None,
+            save_every: int = 0, keep: int | None = None, eval_every: int = 0, eval_batches: int = 8,
+            on_step: Callable[[StepStats], None] | None = None,
+            on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+        """Train until ``steps`` optimizer steps are done (default: the schedule's length).
+
+        ``data`` is a ``rustane.data.TokenData``. With ``out``, metrics are appended to
+        ``out/metrics.jsonl`` and checkpoints written to ``out/step-N`` every ``save_every``
+        steps and at the end (``keep`` newest kept). A resumed engine continues the data
+        sampler where the checkpoint left it, so the run is bit-identical to an unbroken one.
+        """
+        total = self.train_config.steps if steps is None else int(steps)
+        accum = self.train_config.accum
+        if data.seq_len != self.config.seq_len:
+            raise ValueError(f"data seq_len {data.seq_len} != model seq_len {self.config.seq_len}")
+        if self.sampler is None:
+            self.sampler = data.sampler(self.seed)
+            if "data" in self.trainer_state:
+                self.sampler.load_state_dict(self.trainer_state["data"])
+        out_dir = Path(out) if out is not None else None
+        metrics = None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        history: list[StepStats] = []
+        evals: list[tuple[int, float]] = []
+
+        def record(obj: dict) -> None:
+            if metrics is not None:
+                metrics.write(json.dumps(obj, allow_nan=True) + "\n")
+                metrics.flush()
+
+        def do_eval() -> None:
+            val = self.evaluate(data.val_batches(), max_batches=eval_batches)
+            evals.append((self.step, val))
+            record({"step": self.step, "val_loss": val})
+            if on_eval:
+                on_eval(self.step, val)
+
+        last_saved = None
+        try:
+            if eval_every and self.step == 0:
+                do_eval()
+            while self.step < total:
+                x, y = self.sampler.next_batch(accum)
+                st = self.train_step((x, y))
+                history.append(st)
+                record({"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
+                        "loss_scale": st.loss_scale, "skipped": st.skipped, "tokens_per_s": st.tokens_per_second,
+                        "ms": st.ms})
+                if on_step:
+                    on_step(st)
+                if eval_every and (self.step % eval_every == 0 or self.step == total):
+                    do_eval()
+                if out_dir is not None and save_every and self.step % save_every == 0:
+                    last_saved = self._save_step(out_dir, keep)
+            if out_dir is not None and last_saved != self.step:
+                self._save_step(out_dir, keep)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        return {"history": history, "evals": evals, "report": self.efficiency_report(history)}
+
+    def _save_step(self, out_dir: Path, keep: int | None) -> int:
+        self.save(checkpoint.step_dir(out_dir, self.step))
+        if keep:
+            checkpoint.prune(out_dir, keep)
+        return self.step
+
+    # ---- reporting ------------------------------------------------------------------------
+
+    def efficiency_report(self, history: list[StepStats]) -> dict[str, Any]:
+        """Averages over ``history`` (the first step, which warms caches, is left out when possible)."""
+        hs = history[1:] if len(history) > 1 else history
+        if not hs:
+            return {}
+        ms = {p: float(np.mean([h.ms.get(p, 0.0) for h in hs])) for p in hs[0].ms}
+        step_ms = float(np.mean([h.seconds for h in hs])) * 1e3
+        ms["other"] = max(0.0, step_ms - sum(ms.values()))
+        tokens = float(np.mean([h.tokens for h in hs]))
+        eval_s = ms.get("evals", 0.0) / 1e3
+        flops = kernel_flops_per_sequence(self.config) * self.train_config.accum
+        return {
+            "backend": getattr(self.backend, "name", "?"), "precision": self.precision,
+            "ms_per_step": step_ms, "ms": ms, "tokens_per_s": tokens / (step_ms / 1e3),
+            "evals_per_step": float(np.mean([h.evals for h in hs])),
+            "kernel_tflops": (flops / eval_s / 1e12) if eval_s > 0 else float("nan"),
+            "compile_s": self.model.compile_seconds, "steps_measured": len(hs),
+        }
+
+    def close(self) -> None:
+        self.model.close()
