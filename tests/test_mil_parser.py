@@ -20,9 +20,11 @@ from rustane.mil import (
     Param,
     Program,
     Ref,
+    TARGETS,
     Statement,
     TensorType,
     TupleValue,
+    check,
     emit,
     parse,
     same_program,
@@ -242,6 +244,15 @@ def test_errors(body, needle):
     assert e.line >= 5 and e.col >= 1
 
 
+def test_name_attr_error_points_at_the_attribute_and_placeholders_are_named():
+    text = prog("        tensor<fp16, [1, 4, 1, 8]> y = add(x = x, y = x)[name = int32(1)];")
+    e = err(text)
+    assert text.splitlines()[e.line - 1][e.col - 1 :].startswith("int32(1)")
+    raw = (Path(__file__).parent / "mil_samples" / "templates" / "rmsnorm_tpl.mil").read_text()
+    e = err(raw)
+    assert "unrendered template placeholder $DIM" in e.msg and e.line == 4
+
+
 def test_errors_outside_functions():
     assert "expected 'program'" in err("prog(1.3)").msg
     assert "program version" in err("program(x)").msg
@@ -381,6 +392,7 @@ def test_generated_programs_round_trip(p):
     p2 = parse(text)
     assert same_program(p, p2)
     assert emit(p2) == text
+    assert all(d.line >= 1 for d in check(p2, "m1"))  # the checker copes with odd programs
 
 
 # ---- fuzzing: never anything but MilSyntaxError, never slow -------------------------------------
@@ -398,6 +410,8 @@ def _assert_parse_is_clean(text: str) -> None:
     else:
         text2 = emit(p)
         assert same_program(p, parse(text2))
+        for target in TARGETS:
+            check(p, target)  # the checker must cope with whatever parses
     assert time.perf_counter() - t < 2.0
 
 

@@ -126,6 +126,10 @@ def tokenize(text: str) -> tuple[list[Token], Source]:
         m = match(text, pos)
         if m is None:
             ch = text[pos]
+            if ch == "$":
+                ph = re.match(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", text[pos : pos + 64])
+                if ph:
+                    raise src.error(f"unrendered template placeholder {ph.group()}; render the template first", pos)
             raise src.error(f"unexpected character {ch!r}", pos)
         kind = m.lastgroup
         if kind == "ws" or kind == "comment":

@@ -12,6 +12,11 @@ type, and tensor literals whose element count does not match the shape. Everythi
 but risky on the ANE (inline bools, missing ``interleave``, undefined return names, identifiers
 outside MIL.proto's charset, ...) is left to ``rustane.mil.check``.
 
+Identifiers are lexed from ``[A-Za-z_][A-Za-z0-9_@.$]*``, wider than MIL.proto's
+``[A-Za-z_][A-Za-z0-9_@]*``, so ``x.1`` parses and the checker's ``identifier-charset`` rule reports
+it precisely. Dtype names, ``tensor``, ``true``/``false``, ``BLOBFILE``, ``dict``, ``func`` and
+``program`` are reserved and cannot name values.
+
 Lenient spots, on purpose: bare ``true``/``false`` as argument or attribute values (they become
 ``bool`` literals); rank > 1 tensor literals written flat (``[1, 2, 3, 4]`` for ``[2, 2]``) besides
 nested; ``inf``/``nan`` as float elements. Bare numbers are rejected (their dtype would be a guess).
@@ -278,6 +283,7 @@ class _Parser:
                 break
         self.advance()
         attrs: dict[str, Literal] = {}
+        name_tok: Token | None = None
         if self.is_punct("["):
             self.advance()
             while True:
@@ -286,6 +292,8 @@ class _Parser:
                     raise self.error(f"duplicate attribute '{atok.text}'", atok)
                 self.expect("=", f"after the attribute name '{atok.text}'")
                 lit_tok = self.tok
+                if atok.text == "name":
+                    name_tok = lit_tok
                 lit = self.literal_value()
                 if lit is None:
                     raise self.error(
@@ -304,7 +312,7 @@ class _Parser:
         self.expect(";", "at the end of the statement")
         name_attr = attrs.get("name")
         if name_attr is not None and name_attr.type.dtype != STRING:
-            raise self.error("the 'name' attribute must be a string, e.g. name = string(\"y\")", stok)
+            raise self.error("the 'name' attribute must be a string, e.g. name = string(\"y\")", name_tok)
         if otok.text == "const":
             self.check_const(stype, ntok, args, attrs, otok)
         defined.add(ntok.text)
