@@ -20,7 +20,9 @@ CONV_CONSTS = """
         int32 gr = const()[name = string("gr"), val = int32(1)];
         tensor<fp16, [64, 64, 1, 1]> W = const()[name = string("W"), val = tensor<fp16, [64, 64, 1, 1]>(BLOBFILE(path = string("@model_path/weights/w.bin"), offset = uint64(OFFSET)))];
 """
-CONV = '        tensor<fp16, [1, 64, 1, 64]> cv = conv(dilations = dl, groups = gr, pad = pd, pad_type = pt, strides = st, weight = WEIGHT, x = act{extra})[name = string("cv")];\n'
+CONV = '        tensor<fp16, [1, 64, 1, 64]> cv = conv(dilations = dl, groups = gr, pad = pd, pad_type = pt, strides = st, weight = WEIGHT, x = XIN{extra})[name = string("cv")];\n'
+WIDE = ('        tensor<fp16, [1, CH, 1, 2]> xw = const()[name = string("xw"), val = tensor<fp16, [1, CH, 1, 2]>('
+        'BLOBFILE(path = string("@model_path/weights/xw.bin"), offset = uint64(64)))];\n')
 
 
 def add_before_return(text: str, lines: str) -> str:
@@ -28,9 +30,14 @@ def add_before_return(text: str, lines: str) -> str:
     return text.replace(END, lines.rstrip("\n") + "\n" + END)
 
 
-def conv_program(weight: str = "W", extra: str = "", offset: int = 64, path: str = "@model_path/weights/w.bin") -> str:
+def conv_program(weight: str = "W", extra: str = "", offset: int = 64, path: str = "@model_path/weights/w.bin",
+                 in_channels: int | None = None) -> str:
+    """The clean sample plus a 1x1 conv of ``act`` (or of a const with ``in_channels`` channels)."""
     consts = CONV_CONSTS.replace("OFFSET", str(offset)).replace("@model_path/weights/w.bin", path)
-    return add_before_return(CLEAN, consts + CONV.replace("WEIGHT", weight).format(extra=extra))
+    if in_channels is not None:
+        consts += WIDE.replace("CH", str(in_channels))
+    conv = CONV.replace("WEIGHT", weight).replace("XIN", "act" if in_channels is None else "xw").format(extra=extra)
+    return add_before_return(CLEAN, consts + conv)
 
 
 def small(params: str, body: str, ret: str) -> str:
@@ -116,6 +123,11 @@ def test_conv_clean_then_bias():
 
 def test_conv_weight_must_be_const():
     expect(conv_program(weight="w"), {"conv-weight": {"error"}})
+
+
+def test_conv_in_channels():
+    expect(conv_program(in_channels=32000), {"conv-in-channels": {"error"}})
+    assert found(conv_program(in_channels=31999)) == {}
 
 
 def test_inline_bool():
@@ -248,6 +260,7 @@ EXAMPLES = {
     "unproven-op": lambda: CLEAN.replace("sigmoid(x = yn)", "erf(x = yn)"),
     "conv-bias": lambda: conv_program(extra=", bias = sc"),
     "conv-weight": lambda: conv_program(weight="w"),
+    "conv-in-channels": lambda: conv_program(in_channels=40000),
     "inline-bool": lambda: CLEAN.replace("transpose_x = bF", "transpose_x = false"),
     "cast-target": lambda: add_before_return(CLEAN, '        string to16 = const()[name = string("to16"), val = string("fp16")];\n'
                                              '        tensor<fp16, [1, 384, 1, 64]> yc = cast(dtype = to16, x = y)[name = string("yc")];'),

@@ -31,6 +31,8 @@ from .errors import ERROR, WARNING, Diagnostic, MilCheckError
 
 TARGETS = ("m1", "m2", "m3", "m4", "m5")
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_@]*\Z")
+#: Input channel count at which a conv was seen rejected (ANE_FACTS §8, classifier backward).
+CONV_MAX_IN_CHANNELS = 32000
 #: Orion's minimum surface size (ANE_FACTS §13: "~49 KB").
 MIN_SURFACE_BYTES = 49152
 
@@ -60,6 +62,8 @@ RULES: dict[str, Rule] = {
              "conv with bias; use a separate add"),
         Rule("conv-weight", ERROR, "ANE_FACTS §3.4: conv weight must be a const (BLOBFILE)",
              "conv whose weight is a runtime tensor; use matmul for dynamic weights"),
+        Rule("conv-in-channels", ERROR, "ANE_FACTS §8: a conv with 32000 input channels is rejected (classifier backward)",
+             "conv with >= 32000 input channels; split it or use matmul"),
         Rule("inline-bool", ERROR, "ANE_FACTS §13/§14 (Orion): matmul transpose_x/transpose_y need named consts",
              "matmul transpose flag given inline"),
         Rule("cast-target", ERROR, "ANE_FACTS §2.4/§8 (PR#6): M1/M2 cannot compile cast",
@@ -245,6 +249,10 @@ class _Checker:
             if isinstance(w, Ref) and w.name not in self.consts and not self._is_constexpr(w.name):
                 self.add("conv-weight", f"conv '{st.name}' weight '{w.name}' is not a const; conv weights must be "
                          "BLOBFILE consts (use matmul for runtime weights)", w.loc or st.loc)
+            x_type = self.type_of(st.args.get("x"))
+            if x_type is not None and x_type.rank >= 2 and x_type.shape[1] >= CONV_MAX_IN_CHANNELS:
+                self.add("conv-in-channels", f"conv '{st.name}' has {x_type.shape[1]} input channels; the ANE "
+                         f"rejected a conv with {CONV_MAX_IN_CHANNELS} (output channels that large work)", st.loc)
         if op == "matmul":
             for flag in ("transpose_x", "transpose_y"):
                 v = st.args.get(flag)
