@@ -352,5 +352,8 @@ def set_fake_evaluator(fn):
 
 
 def last_fake_evaluator_error():
-    """The exception the Python evaluator raised in the last failed fake evaluation, if any."""
-    return _last_fake_error
+    """The exception the Python evaluator raised in the last failed fake evaluation, if any
+    (handed over once: the module keeps no reference to it afterwards)."""
+    global _last_fake_error
+    e, _last_fake_error = _last_fake_error, None
+    return e

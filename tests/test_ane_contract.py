@@ -571,6 +571,21 @@ def test_probe_cli_without_ane_prints_json_and_exits_0():
     assert out["ane"] is False and "not macOS" in out["reason"]
 
 
+@fake_only
+def test_simulator_errors_surface_with_their_cause(fake, backend):
+    """A program the fake's simulator cannot run (a BLOBFILE nobody supplied, unchecked) fails at
+    eval with the simulator's own message chained, not an anonymous code."""
+    from rustane.backends.ane import AneBackend, AneError
+
+    k = AneBackend(check=False).compile(weighted_mil(), {}, "noblob")
+    bufs = [k.alloc(s) for s in k.inputs + k.outputs]
+    with pytest.raises(AneError) as ei:
+        k.request(bufs[:1], bufs[1:]).eval()
+    assert ei.value.stage == "eval" and "w.bin" in str(ei.value) and ei.value.__cause__ is not None
+    k.close()
+    del bufs, ei  # the traceback holds the request and its surfaces
+
+
 def test_runtime_compiles_as_macos_code(tmp_path):
     """csrc/ane_runtime.m's __APPLE__ branch, syntax-checked on Linux: Apple-style stubs declare
     objc_msgSend as void(void) (as the SDK does), so an uncast message send is a compile error;
@@ -599,6 +614,20 @@ def test_runtime_compiles_as_macos_code(tmp_path):
                    "void f(id o) { objc_msgSend(o, @selector(description)); }\n")
     r = subprocess.run(apple + [str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "too many arguments" in r.stderr
+
+
+@fake_only
+def test_compile_budget_warning(fake, backend):
+    """Past ANE_COMPILE_WARN_AT compiles per process every compile warns and names the budget.
+    (Kept last: from here on this process is over the warning threshold.)"""
+    from rustane import _ane
+
+    mil = add_mil((1, 6, 1, 8), (1, 6, 1, 8))
+    while _ane.compile_count() < _ane.COMPILE_WARN_AT - 1:
+        backend.compile(mil, {}, "budget").close()
+    with pytest.warns(RuntimeWarning, match=rf"about {_ane.COMPILE_BUDGET} per process.*0x50004"):
+        backend.compile(mil, {}, "budget").close()
+    assert _ane.COMPILE_BUDGET == 119
 
 
 # Keep in this process only the tests that can run in it: outside the fake build and off a Mac

@@ -200,7 +200,15 @@ class AneRequest(Request):
         self.outputs = tuple(outputs)
 
     def eval(self) -> None:
-        self._native.eval()
+        try:
+            self._native.eval()
+        except AneError as e:
+            _ane = _runtime()
+            if e.code != getattr(_ane, "FAKE_EVALUATOR_RAISED", None):
+                raise
+            # the fake framework's evaluator (the simulator) raised: say what it said
+            cause = _ane.last_fake_evaluator_error()
+            raise AneError(e.code, e.stage, f"{e.message}; the simulator raised {type(cause).__name__}: {cause}") from cause
 
 
 class AneKernel(Kernel):
