@@ -198,14 +198,21 @@ def main(argv=None):
     ap.add_argument("--elements", type=int, default=1 << 24, help="conversion size (default 16M = 64 MiB fp32)")
     ap.add_argument("--layers", type=int, default=12, help="transformer layers staged / dW-queued (default 12)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--only", default="conversion,staging,dw_overlap",
+                    help="comma-separated subset of: conversion, staging, dw_overlap")
     args = ap.parse_args(argv)
-    result = {
-        "simd": native.simd(),
-        "cpu_count": os.cpu_count(),
-        "conversion": bench_conversion(args.elements, args.reps),
-        "staging": bench_staging(args.layers, args.reps),
-        "dw_overlap": bench_overlap(args.layers, args.reps),
+    parts = {
+        "conversion": lambda: bench_conversion(args.elements, args.reps),
+        "staging": lambda: bench_staging(args.layers, args.reps),
+        "dw_overlap": lambda: bench_overlap(args.layers, args.reps),
     }
+    wanted = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(wanted) - set(parts)
+    if unknown:
+        ap.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {sorted(parts)}")
+    result = {"simd": native.simd(), "cpu_count": os.cpu_count(),
+              "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    result.update({name: parts[name]() for name in wanted})
     json.dump(result, sys.stdout, indent=None if args.json else 2)
     sys.stdout.write("\n")
 

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+cimport cython
 cimport numpy as cnp
 from libc.errno cimport ENOMEM
 from libc.stdint cimport uint16_t, uintptr_t
@@ -232,6 +233,9 @@ cdef _job_error(int rc):
     return RuntimeError(f"dW queue: a job failed: {os.strerror(rc)} (error {rc})")
 
 
+# no_gc_clear: if the queue ends up in a garbage cycle, the collector must not drop the references to
+# pending dW arrays before __dealloc__ has waited for the jobs that write into them.
+@cython.no_gc_clear
 cdef class DWQueue:
     cdef rustane_dwq *_q
     cdef object _lock
