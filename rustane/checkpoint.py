@@ -171,8 +171,12 @@ def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
 def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndarray], *,
          step: int, optimizer_tensors: Mapping[str, np.ndarray] | None = None,
          optimizer_meta: Mapping[str, Any] | None = None,
-         trainer_state: Mapping[str, Any] | None = None) -> Path:
+         trainer_state: Mapping[str, Any] | None = None,
+         extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write a checkpoint directory at ``path`` atomically (replacing one that exists).
+
+    ``extra_files`` (file name -> bytes, e.g. ``tokenizer.json``) are written inside the same
+    atomic directory.
 
     ``params`` are in our convention and must match ``cfg.param_shapes()`` exactly.
     ``trainer_state`` must be JSON-serializable (NaN/inf are refused).
@@ -195,6 +199,13 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
         if optimizer_tensors is not None or optimizer_meta is not None:
             meta = {"format": "pt", "rustane": json.dumps(dict(optimizer_meta or {}), allow_nan=False)}
             _write_safetensors(tmp / OPTIM_FILE, dict(optimizer_tensors or {}), meta)
+        for fname, data in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in (CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE):
+                raise CheckpointError(f"extra checkpoint file name {fname!r} must be a plain, unreserved file name")
+            with open(tmp / fname, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete dir
         _fsync_path(tmp)
         if target.exists():

@@ -102,7 +102,7 @@ def make_backend(name: str = "auto", precision: str = "fp16"):
         if name == "auto" and backends.available().get("ane") == "":
             raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
                              "(use --backend sim for fp32)")
-        return backends.get("sim", precision="fp32", io_dtype="fp32")
+        return backends.get("sim", precision="fp32")
     if name == "sim":
         return backends.get("sim", precision="fp16")
     if name == "ane" and precision == "fp32":
@@ -138,6 +138,7 @@ class Engine:
         self.step = 0
         self.trainer_state: dict[str, Any] = {}  # what a loaded checkpoint carried (data cursor...)
         self.sampler = None
+        self.save_extra_files: dict[str, bytes] = {}  # e.g. tokenizer.json, saved with every checkpoint
 
     # ---- construction from a checkpoint ---------------------------------------------------
 
@@ -275,7 +276,8 @@ class Engine:
         st.update(extra or {})
         return checkpoint.save(path, self.config, self.model.params, step=self.step,
                                optimizer_tensors=self.optimizer.state_tensors(),
-                               optimizer_meta=self.optimizer.state_meta(), trainer_state=st)
+                               optimizer_meta=self.optimizer.state_meta(), trainer_state=st,
+                               extra_files=self.save_extra_files)
 
     # ---- the training loop ----------------------------------------------------------------
 

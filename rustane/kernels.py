@@ -20,6 +20,7 @@ multiplies them untransposed — and every backward dx kernel).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ class KernelShape:
     seq: int
     rope_theta: float = 10000.0
     residual_alpha: float = 1.0
+    #: compute/I-O dtype of the rendered programs: 'fp16' is what the ANE runs (and the simulator's
+    #: fp16 mode); 'fp32' renders the same programs in fp32 — consts and RoPE tables included — so
+    #: the simulator's fp32 mode is exact math end to end (gradient checks against PyTorch).
+    dtype: str = "fp16"
 
     def __post_init__(self) -> None:
         for f in ("dim", "hidden", "n_heads", "n_kv_heads", "head_dim", "seq"):
@@ -63,6 +68,8 @@ class KernelShape:
             raise ValueError(f"head_dim must be even for interleaved-pair RoPE, got {self.head_dim}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"rope_theta must be a positive finite number, got {self.rope_theta!r}")
+        if self.dtype not in ("fp16", "fp32"):
+            raise ValueError(f"KernelShape.dtype must be 'fp16' or 'fp32', got {self.dtype!r}")
         fp16_literal(self.residual_alpha)  # raises if it is not representable in fp16
 
     @property
@@ -155,9 +162,14 @@ def fp16_literal(x: float) -> str:
     return repr(float(v))
 
 
-def attention_scale(head_dim: int) -> float:
-    """The fp16 const the kernels use for 1/sqrt(head_dim) (already rounded to fp16)."""
-    return float(np.float16(1.0 / math.sqrt(head_dim)))
+def fp32_literal(x: float) -> str:
+    """Text for an ``fp32(...)`` MIL const holding ``x`` rounded to fp32."""
+    return repr(float(np.float32(x)))
+
+
+def attention_scale(head_dim: int, dtype: str = "fp16") -> float:
+    """The const the kernels use for 1/sqrt(head_dim), already rounded to ``dtype``."""
+    return float(np.dtype(np.float16 if dtype == "fp16" else np.float32).type(1.0 / math.sqrt(head_dim)))
 
 
 def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -181,10 +193,11 @@ def causal_mask(seq: int) -> np.ndarray:
 def _blob_files(shape: KernelShape) -> dict[str, bytes]:
     cos, sin = rope_tables(shape.seq, shape.head_dim, shape.rope_theta)
     s, hd = shape.seq, shape.head_dim
+    dt = np.float16 if shape.dtype == "fp16" else np.float32
     return {
-        blob_key("rope_cos"): write_blob(cos.astype(np.float16).reshape(1, 1, s, hd)),
-        blob_key("rope_sin"): write_blob(sin.astype(np.float16).reshape(1, 1, s, hd)),
-        blob_key("mask"): write_blob(causal_mask(s).reshape(1, 1, s, s)),
+        blob_key("rope_cos"): write_blob(cos.reshape(1, 1, s, hd), dt),
+        blob_key("rope_sin"): write_blob(sin.reshape(1, 1, s, hd), dt),
+        blob_key("mask"): write_blob(causal_mask(s).reshape(1, 1, s, s), dt),
     }
 
 
@@ -271,7 +284,8 @@ def plan_for(shape: KernelShape | None = None, **dims) -> dict[str, KernelSpec]:
 def _plan(shape: KernelShape) -> tuple[tuple[str, KernelSpec], ...]:
     D, H, S, HD = shape.dim, shape.hidden, shape.seq, shape.head_dim
     NH, NKV, QD, KVD, R = shape.n_heads, shape.n_kv_heads, shape.q_dim, shape.kv_dim, shape.group
-    alpha, scale = fp16_literal(shape.residual_alpha), fp16_literal(attention_scale(HD))
+    literal = fp16_literal if shape.dtype == "fp16" else fp32_literal
+    alpha, scale = literal(shape.residual_alpha), literal(attention_scale(HD, shape.dtype))
     blobs = _blob_files(shape)
     heads = {"NH": NH, "NKV": NKV, "HD": HD, "QD": QD, "KVD": KVD, "RS": R * S}
     plan: dict[str, KernelSpec] = {}
@@ -325,7 +339,9 @@ def _plan(shape: KernelShape) -> tuple[tuple[str, KernelSpec], ...]:
                            ("wk", "weight", D, False), ("wv", "weight", D, False)])
         params = dict(KVD=KVD, DIM=D, SEQ=S, IN_W=b[-1].col1, **_cols(b, COL_DV="dv", COL_WK="wk", COL_WV="wv"))
         plan["kvBwd"] = _spec("kvBwd", b, _taps([("dxkv", D)]), S, params, blobs, ())
-    return tuple(plan.items())
+    # every template spells its tensor/const dtype as $DT
+    return tuple((n, dataclasses.replace(sp, params=MappingProxyType({**sp.params, "DT": shape.dtype})))
+                 for n, sp in plan.items())
 
 
 def backward_kernels(shape: KernelShape) -> tuple[str, ...]:

@@ -42,12 +42,17 @@ _WEIGHT_OF = {
 _PER_LAYER_OUTPUT = frozenset(kernels.FORWARD_KERNELS)
 
 
-def kernel_shape(cfg: ModelConfig) -> kernels.KernelShape:
+def kernel_shape(cfg: ModelConfig, dtype: str = "fp16") -> kernels.KernelShape:
     return kernels.KernelShape(
         dim=cfg.dim, hidden=cfg.hidden_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
         head_dim=cfg.head_dim, seq=cfg.seq_len, rope_theta=float(cfg.rope_theta),
-        residual_alpha=cfg.residual_alpha,
+        residual_alpha=cfg.residual_alpha, dtype=dtype,
     )
+
+
+def program_dtype(backend) -> str:
+    """fp32 programs only for the simulator's exact mode; everything else runs fp16 (the ANE's)."""
+    return "fp32" if getattr(backend, "precision", "fp16") == "fp32" else "fp16"
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -120,7 +125,7 @@ class Model:
     def __init__(self, cfg: ModelConfig, backend, params: dict[str, np.ndarray] | None = None, *, seed: int = 0):
         self.cfg = cfg.validate()
         self.backend = backend
-        self.shape = kernel_shape(cfg)
+        self.shape = kernel_shape(cfg, program_dtype(backend))
         self.plan = kernels.plan_for(self.shape)
         self.params = params if params is not None else init_params(cfg, seed)
         want = cfg.param_shapes()

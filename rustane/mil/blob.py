@@ -55,29 +55,33 @@ def _chunk_header(size: int, data_offset: int) -> bytes:
     )
 
 
-def _as_fp16(array, what: str) -> np.ndarray:
+def _as_fp16(array, what: str, dtype=np.float16) -> np.ndarray:
     arr = np.asarray(array)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{what}: expected a numeric array, got dtype {arr.dtype}")
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.ascontiguousarray(arr, dtype=np.float16)
+        out = np.ascontiguousarray(arr, dtype=dtype)
     if arr.dtype.kind == "f":
         bad = np.isfinite(arr) & ~np.isfinite(out)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{what}: value {arr[idx]!r} at index {idx} overflows fp16 (max 65504)")
+            raise ValueError(f"{what}: value {arr[idx]!r} at index {idx} overflows {np.dtype(dtype).name}")
     if out.nbytes >= 2**32:
         raise ValueError(f"{what}: {out.nbytes} bytes do not fit the uint32 size field of a blob chunk")
     return out
 
 
-def write_blob(array) -> bytes:
+def write_blob(array, dtype=np.float16) -> bytes:
     """One fp16 matrix -> the bytes of a one-chunk blob file (128-byte header, data at 128).
 
     The array is converted to fp16 (values that overflow fp16 raise) and written row-major.
+    ``dtype=np.float32`` writes fp32 data instead: only the simulator's exact fp32 kernels use
+    that (the ANE path is fp16 throughout).
     Reference it in MIL with ``BLOBFILE(path = string(blob_key(name)), offset = uint64(64))``.
     """
-    data = _as_fp16(array, "write_blob").tobytes()
+    if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+        raise ValueError(f"write_blob: dtype must be float16 or float32, got {np.dtype(dtype).name}")
+    data = _as_fp16(array, "write_blob", dtype).tobytes()
     return _file_header(1) + _chunk_header(len(data), SINGLE_DATA_OFFSET) + data
 
 

@@ -1,0 +1,235 @@
+"""``python -m rustane.train``: train or fine-tune a Llama-family model on the ANE or the simulator.
+
+With no flags it trains the ``tiny`` preset on the built-in story corpus, shows progress, saves a
+checkpoint under ``runs/tiny`` and prints a sample. All training logic lives in
+``rustane.engine``; this module only parses flags, reports progress and prints the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from rustane import checkpoint
+from rustane.config import ConfigError, preset, preset_names
+from rustane.data import DataError, open_dataset
+
+DEFAULT_STEPS = 400
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rustane.train",
+        description="Train a Llama-family model on the Apple Neural Engine (or its simulator).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model and data")
+    m.add_argument("--preset", default=None, choices=preset_names(),
+                   help="model shape (default: tiny, or the checkpoint's when resuming)")
+    m.add_argument("--data", default="builtin",
+                   help="'builtin' (generated stories), a token file (.bin: flat uint16/uint32), "
+                        "a text file, or a folder of .txt files")
+    m.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json for text data (default: train a byte-level BPE, cached beside the text)")
+    m.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of the data for validation")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--backend", default="auto", choices=["auto", "sim", "ane"],
+                   help="auto = ANE when available, else the simulator")
+    r.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+                   help="simulator arithmetic: fp16 models the ANE, fp32 is exact math")
+    r.add_argument("--seed", type=int, default=None, help="initialisation and data-sampling seed (default 0)")
+    o = p.add_argument_group("optimisation (defaults: the checkpoint's when resuming)")
+    o.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {DEFAULT_STEPS})")
+    o.add_argument("--accum", type=int, default=None, help="sequences per optimizer step (default 1)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    o.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    o.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default 50)")
+    o.add_argument("--clip", type=float, default=None, help="global gradient-norm clip (default 1.0)")
+    o.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled weight decay (default 0.1)")
+    o.add_argument("--loss-scale", default=None,
+                   help="'dynamic' (default: halve on overflow, grow after clean steps) or a fixed number")
+    c = p.add_argument_group("checkpoints, evaluation, output")
+    c.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    c.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
+    c.add_argument("--keep", type=int, default=3, help="keep the N newest checkpoints (0 keeps all)")
+    c.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the latest in --out")
+    c.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: never)")
+    c.add_argument("--eval-batches", type=int, default=8, help="validation sequences per evaluation")
+    c.add_argument("--sample", type=int, default=120, help="generate N tokens at the end (0: none)")
+    c.add_argument("--prompt", default="Once upon a time", help="prompt for the sample")
+    c.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    return p
+
+
+def _train_config(args, saved):
+    from rustane.engine import TrainConfig
+
+    base = saved or TrainConfig(steps=DEFAULT_STEPS)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if "loss_scale" in given and given["loss_scale"] != "dynamic":
+        try:
+            given["loss_scale"] = float(given["loss_scale"])
+        except ValueError:
+            raise SystemExit(f"error: --loss-scale: expected 'dynamic' or a number, got {args.loss_scale!r}")
+    return TrainConfig(**{**asdict(base), **given}).validate()
+
+
+def _resolve_resume(args, out: Path) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        found = checkpoint.latest(out)
+        if found is None:
+            print(f"--resume auto: no checkpoint in {out}; starting fresh", file=sys.stderr)
+        return found
+    return Path(args.resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, v in (("--save-every", args.save_every), ("--keep", args.keep), ("--eval-every", args.eval_every),
+                    ("--sample", args.sample), ("--eval-batches", args.eval_batches)):
+        if v < 0:
+            raise SystemExit(f"error: {name} must be >= 0, got {v}")
+    from rustane.engine import Engine, TrainConfig
+
+    out = Path(args.out or f"runs/{args.preset or 'tiny'}")
+    resume = _resolve_resume(args, out)
+    try:
+        if resume is not None:
+            expected = preset(args.preset) if args.preset else None
+            ck_state = checkpoint.load(resume, expected, load_optimizer=False).trainer_state
+            saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
+            tc = _train_config(args, saved)
+            eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
+                                         expected=expected)
+            print(f"resumed from {resume} at step {eng.step}")
+        else:
+            tc = _train_config(args, None)
+            eng = Engine(args.preset or "tiny", backend=args.backend, precision=args.precision,
+                         seed=0 if args.seed is None else args.seed, train=tc)
+        data = open_dataset(args.data, eng.config, val_fraction=args.val_fraction, tokenizer=args.tokenizer)
+    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}")
+
+    cfg = eng.config
+    label = args.preset or ("from checkpoint" if resume is not None else "tiny")
+    print(f"model {label}: {cfg.n_params / 1e6:.2f}M params, {cfg.n_layers} layers, "
+          f"dim {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads}, seq {cfg.seq_len}, vocab {cfg.vocab_size}")
+    print(f"backend {eng.backend.name} ({eng.precision}); {eng.model.evals_per_step_per_sequence} kernel evals "
+          f"per sequence; kernels compiled in {eng.model.compile_seconds:.2f} s")
+    print(f"data {data.describe()}")
+    if eng.step >= tc.steps:
+        print(f"already at step {eng.step} of {tc.steps}: nothing to train (raise --steps)")
+    tokenizer_bytes = data.tokenizer_path.read_bytes() if data.tokenizer_path else None
+    eng.save_extra_files = {"tokenizer.json": tokenizer_bytes} if tokenizer_bytes else {}
+
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=eng.step, unit="step", dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    last_val: list[float] = []
+
+    def on_step(st) -> None:
+        info = {"loss": f"{st.loss:.3f}", "tok/s": f"{st.tokens_per_second:.0f}"}
+        if st.skipped:
+            info["skip"] = f"overflow, scale {st.loss_scale:g}"
+        if last_val:
+            info["val"] = f"{last_val[-1]:.3f}"
+        if bar is not None:
+            bar.set_postfix(info, refresh=False)
+            bar.update(1)
+        elif st.step % 10 == 0 or st.step == tc.steps:
+            print(f"step {st.step}/{tc.steps} " + " ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+
+    def on_eval(step: int, val: float) -> None:
+        last_val.append(val)
+        msg = f"step {step}: val loss {val:.4f}"
+        (bar.write(msg) if bar is not None else print(msg, flush=True))
+
+    try:
+        result = eng.fit(data, out=out, save_every=args.save_every, keep=args.keep or None,
+                         eval_every=args.eval_every, eval_batches=args.eval_batches,
+                         on_step=on_step, on_eval=on_eval)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        print(f"\ninterrupted at step {eng.step}; saving a checkpoint")
+        eng._save_step(out, args.keep or None)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+
+    rep = result["report"]
+    if rep:
+        print("\nefficiency (mean per optimizer step, first step excluded):")
+        print(f"  {rep['ms_per_step']:.1f} ms/step, {rep['tokens_per_s']:.0f} tokens/s, "
+              f"{rep['evals_per_step']:.0f} kernel evals/step, kernel {rep['kernel_tflops'] * 1e3:.2f} GFLOPS")
+        print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in rep["ms"].items()))
+        (out / "report.json").write_text(json.dumps(rep, indent=2))
+    if result["evals"]:
+        first, last = result["evals"][0], result["evals"][-1]
+        print(f"validation loss: {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]})")
+    _plot(out)
+    ck = checkpoint.latest(out)
+    if ck is not None:
+        print(f"checkpoint: {ck}")
+    if args.sample:
+        print("\nsample:")
+        print(_sample(eng, data, args.prompt, args.sample))
+    eng.close()
+    return 0
+
+
+def _sample(eng, data, prompt: str, n: int) -> str:
+    tok = data.tokenizer
+    if tok is not None:
+        ids = tok.encode(prompt).ids or [0]
+        out = eng.generate(ids, n, temperature=0.8, top_k=40)
+        return tok.decode(ids + out)
+    ids = [int(t) for t in data.val[:8]]
+    return " ".join(str(t) for t in ids + eng.generate(ids, n, temperature=0.8, top_k=40))
+
+
+def _plot(out: Path) -> None:
+    """loss.png from metrics.jsonl when matplotlib is installed (optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps, losses, vsteps, vals = [], [], [], []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            steps.append(r["step"])
+            losses.append(r["loss"])
+        if "val_loss" in r:
+            vsteps.append(r["step"])
+            vals.append(r["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, label="train")
+    if vals:
+        ax.plot(vsteps, vals, "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    print(f"loss curve: {out / 'loss.png'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
