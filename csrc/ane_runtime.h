@@ -31,6 +31,7 @@ enum {
     ANE_E_OS = -4,           /* a POSIX call failed (message holds strerror) */
     ANE_E_ARG = -5,          /* bad argument from the caller */
     ANE_E_LOCK = -6,         /* IOSurfaceLock/Unlock returned nonzero */
+    ANE_E_EXCEPTION = -7,    /* the framework threw an Objective-C exception */
 };
 
 typedef struct ane_error {

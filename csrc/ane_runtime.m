@@ -131,7 +131,7 @@ static void set_nserror(ane_error *err, const char *stage, const char *what, NSE
 
 static void set_exception(ane_error *err, const char *stage, NSException *ex)
 {
-    set_error(err, stage, ANE_E_NIL_RESULT, "Objective-C exception %s: %s", [[ex name] UTF8String] ?: "?",
+    set_error(err, stage, ANE_E_EXCEPTION, "Objective-C exception %s: %s", [[ex name] UTF8String] ?: "?",
               [[ex reason] UTF8String] ?: "");
 }
 
@@ -394,7 +394,9 @@ static int populate_tmpdir(ane_model *m, const char *mil, size_t mil_len, size_t
     }
     struct stat st;
     if (lstat(m->tmpdir, &st) == 0) {
-        /* Left over by a process that died before unloading: start from scratch. */
+        /* Left over by a process that died before unloading (or, rarely, being compiled by another
+         * process right now: the compiler insists on this path, so that race cannot be avoided).
+         * Start from scratch rather than trust files we did not write. */
         if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid()) {
             set_error(err, "tmpdir", ANE_E_OS, "%s exists and is not a directory owned by this user", m->tmpdir);
             goto out;
