@@ -142,7 +142,6 @@ class Model:
         # classifier's dE: with tied weights they accumulate apart and meet after the wait
         self._g_embed_in = np.zeros_like(self.params[self.embed_name]) if cfg.tie_embeddings else self.grads[self.embed_name]
         self.queue = native.DWQueue()
-        self._inflight: list[np.ndarray] = []  # operands of queued dW jobs (copy=False): kept alive until wait
         self.timer = PhaseTimer()
         self._compile()
         self.stage_weights()
@@ -153,6 +152,8 @@ class Model:
         t0 = time.perf_counter()
         self.kernels = {name: kernels.compile_spec(self.backend, spec) for name, spec in self.plan.items()}
         self.compile_seconds = time.perf_counter() - t0
+        self._blocks = {n: {b.name: b for b in sp.blocks} for n, sp in self.plan.items()}
+        self._taps = {n: {t.name: t for t in sp.taps} for n, sp in self.plan.items()}
         L = self.cfg.n_layers
         self.inb: dict[str, list] = {}
         self.outb: dict[str, list] = {}
@@ -188,7 +189,6 @@ class Model:
 
     def close(self) -> None:
         self.queue.wait()
-        self._inflight.clear()
         for k in self.kernels.values():
             k.close()
 
@@ -202,35 +202,35 @@ class Model:
         self.timer.evals += 1
 
     def _stage(self, name: str, layer: int, **acts: np.ndarray) -> None:
-        spec = self.plan[name]
+        blocks = self._blocks[name]
         t0 = time.perf_counter()
         with self.inb[name][min(layer, len(self.inb[name]) - 1)].lock() as view:
             for bname, a in acts.items():
-                _put(view, a, spec.block(bname))
+                _put(view, a, blocks[bname])
         self.timer.seconds["staging"] += time.perf_counter() - t0
 
     def _read(self, name: str, layer: int, *taps: str) -> list[np.ndarray]:
-        spec = self.plan[name]
+        tapd = self._taps[name]
         t0 = time.perf_counter()
         with self.outb[name][min(layer, len(self.outb[name]) - 1)].lock(readonly=True) as view:
-            out = [_get(view, spec.tap(t)) for t in taps]
+            out = [_get(view, tapd[t]) for t in taps]
         self.timer.seconds["staging"] += time.perf_counter() - t0
         return out
 
     def _copy(self, dst_name: str, dst_layer: int, moves: list[tuple[str, int, str, str]]) -> None:
         """Buffer-to-buffer copies of taps into ``dst_name``'s input: (src kernel, src layer, tap, block)."""
-        spec = self.plan[dst_name]
+        blocks = self._blocks[dst_name]
         t0 = time.perf_counter()
         with self.inb[dst_name][min(dst_layer, len(self.inb[dst_name]) - 1)].lock() as dview:
             for src_name, src_layer, tap, blk in moves:
                 sbuf = self.outb[src_name][min(src_layer, len(self.outb[src_name]) - 1)]
                 with sbuf.lock(readonly=True) as sview:
-                    _move(dview, spec.block(blk), sview, self.plan[src_name].tap(tap))
+                    _move(dview, blocks[blk], sview, self._taps[src_name][tap])
         self.timer.seconds["staging"] += time.perf_counter() - t0
 
     def _dw(self, grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
-        """Queue ``grad += dy · xᵀ``; dy and x are fresh arrays nobody writes again, so no snapshot."""
-        self._inflight += (dy, x)
+        """Queue ``grad += dy · xᵀ``. dy and x are arrays nobody writes again before the next wait,
+        so the queue needs no snapshot (it keeps references to them until the wait)."""
         self.queue.submit(grad, dy, x, copy=False)
 
     # ---- forward ------------------------------------------------------------------------------
@@ -379,7 +379,6 @@ class Model:
         """Wait for the dW queue and fold the embedding-input gradient in; returns ``self.grads``."""
         t0 = time.perf_counter()
         self.queue.wait()
-        self._inflight.clear()
         self.timer.seconds["dw_wait"] += time.perf_counter() - t0
         if self._g_embed_in is not self.grads[self.embed_name]:
             self.grads[self.embed_name] += self._g_embed_in

@@ -215,7 +215,7 @@ def test_transformers_loads_checkpoint_and_matches_torch_ref(tmp_path, tied, kv)
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-    from tests import torch_ref
+    import torch_ref
 
     cfg = CFG.replace(tie_embeddings=tied, n_kv_heads=kv, rope_theta=5000.0)
     params = torch_ref.init_params(cfg, seed=4, norm_jitter=0.2)
@@ -242,7 +242,7 @@ def test_transformers_loads_checkpoint_and_matches_torch_ref(tmp_path, tied, kv)
 
 def test_torch_ref_residual_scaling_and_grad():
     require_module("torch", hint="pip install torch==2.13.0")
-    from tests import torch_ref
+    import torch_ref
     cfg = CFG.replace(residual_scaling=True)
     params = torch_ref.init_params(cfg, seed=1)
     tp = torch_ref.params_to_torch(params)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -107,18 +107,30 @@ class Backend(abc.ABC):
         where known."""
 
 
+class _HostLock:
+    """``with buf.lock() as a``: a plain class, not a generator context manager, because the
+    engine locks buffers several times per kernel eval and this is its whole cost on the host."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: np.ndarray):
+        self._view = view
+
+    def __enter__(self) -> np.ndarray:
+        return self._view
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 class HostBuffer(Buffer):
     """A buffer in ordinary host memory (sim and null backends): locking is a no-op view."""
 
     def __init__(self, spec: TensorSpec):
         self.spec = spec
         self._data = np.zeros(spec.view_shape, dtype=spec.dtype)
+        self._ro = self._data.view()
+        self._ro.flags.writeable = False
 
-    @contextlib.contextmanager
-    def lock(self, readonly: bool = False) -> Iterator[np.ndarray]:
-        if readonly:
-            view = self._data.view()
-            view.flags.writeable = False
-            yield view
-        else:
-            yield self._data
+    def lock(self, readonly: bool = False) -> _HostLock:
+        return _HostLock(self._ro if readonly else self._data)
