@@ -115,6 +115,16 @@ def bench_staging(layers, reps):
     assert np.array_equal(surf["qkvBwd"][:, 3 * S + D:3 * S + 2 * D], w["wk"].astype(np.float16))
     n_elems = sum(w[m].size for w, _, plan in model for _, m, _, _ in plan)
     t_stage = best_of(stage_all, reps)
+
+    def stage_some(transposed):
+        for w, surf, plan in model:
+            for s, m, col, t in plan:
+                if t == transposed:
+                    native.stage(surf[s], w[m], col, transpose=t)
+
+    n_t = sum(w[m].size for w, _, plan in model for _, m, _, t in plan if t)
+    t_t = best_of(lambda: stage_some(True), reps)
+    t_p = best_of(lambda: stage_some(False), reps)
     t_f32 = best_of(lambda: copy_all(f32_copies), reps)
     t_f16 = best_of(lambda: copy_all(f16_copies), reps)
     previous = native.set_simd("scalar")
@@ -133,6 +143,8 @@ def bench_staging(layers, reps):
         "ratio_vs_memcpy_fp32": round(t_stage / t_f32, 2),
         "ratio_vs_memcpy_fp16": round(t_stage / t_f16, 2),
         "stage_GBps_fp32": round(n_elems * 4 / 1e9 / t_stage, 2),
+        "transposed_blocks_GBps_fp32": round(n_t * 4 / 1e9 / t_t, 2),
+        "plain_blocks_GBps_fp32": round((n_elems - n_t) * 4 / 1e9 / t_p, 2),
     }
 
 

@@ -39,6 +39,7 @@ static inline int rustane_blas_threads(int n)
 /* Bound weakly so a BLAS without these OpenBLAS extensions still loads (the control is skipped). */
 int RUSTANE_BLAS_SYM(openblas_set_num_threads_local)(int) __attribute__((weak));
 void RUSTANE_BLAS_SYM(openblas_set_num_threads)(int) __attribute__((weak));
+int RUSTANE_BLAS_SYM(openblas_get_num_threads)(void) __attribute__((weak));
 static inline int rustane_blas_threads_scope(void)
 {
     if (RUSTANE_BLAS_SYM(openblas_set_num_threads_local))
@@ -54,7 +55,10 @@ static inline int rustane_blas_threads(int n)
         (void)RUSTANE_BLAS_SYM(openblas_set_num_threads_local)(n);
         return RUSTANE_BLAS_THREADS_LOCAL;
     }
-    RUSTANE_BLAS_SYM(openblas_set_num_threads)(n);
+    /* process-wide: only touch it when it differs, so jobs do not keep resetting a pool another
+     * thread may be using */
+    if (!RUSTANE_BLAS_SYM(openblas_get_num_threads) || RUSTANE_BLAS_SYM(openblas_get_num_threads)() != n)
+        RUSTANE_BLAS_SYM(openblas_set_num_threads)(n);
     return RUSTANE_BLAS_THREADS_GLOBAL;
 }
 
