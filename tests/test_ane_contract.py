@@ -30,10 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-try:
-    from tests.tiers import require_tools, unavailable
-except ImportError:  # pytest put tests/ itself on sys.path (python -P, rootdir not importable)
-    from tiers import require_tools, unavailable
+from tiers import require_tools, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 INNER_ENV = "RUSTANE_ANE_CONTRACT_INNER"

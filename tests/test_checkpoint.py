@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from rustane import checkpoint as ck
 from rustane.config import preset
-from tests.tiers import require_module
+from tiers import require_module
 
 CFG = preset("tiny", dim=32, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=64, seq_len=16)
 

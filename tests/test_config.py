@@ -6,7 +6,7 @@ import math
 import pytest
 
 from rustane.config import PRESETS, ConfigError, ModelConfig, preset
-from tests.tiers import require_module
+from tiers import require_module
 
 
 def test_defaults_and_derived():

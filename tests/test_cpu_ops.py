@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.tiers import require_module, unavailable
+from tiers import require_module, unavailable
 
 try:
     from rustane import cpu_ops as cpu

@@ -8,7 +8,7 @@ import pytest
 
 from rustane.optim import (AdamW, CosineSchedule, DynamicLossScaler, StaticLossScaler,
                            apply_update, clip_coefficient, is_no_decay, make_loss_scaler)
-from tests.tiers import require_module, unavailable
+from tiers import require_module, unavailable
 
 
 def _need_cpu():
