@@ -6,11 +6,77 @@
 #include "dw_queue.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "blas.h"
+
+/* Snapshot buffers are recycled: a fresh multi-megabyte malloc is a new mmap whose first-touch page
+ * faults cost more than the copy itself, and they would land on the caller's thread at every submit.
+ * Freed buffers wait here (best fit on reuse) up to POOL_SLOTS buffers / POOL_BYTES bytes. */
+#define POOL_SLOTS 32
+#define POOL_BYTES ((size_t)256 << 20)
+
+typedef struct {
+    pthread_mutex_t mu;
+    float *buf[POOL_SLOTS];
+    size_t cap[POOL_SLOTS]; /* in floats */
+    int n;
+    size_t bytes;
+} snap_pool;
+
+static int pool_init(snap_pool *p)
+{
+    memset(p, 0, sizeof *p);
+    return pthread_mutex_init(&p->mu, NULL);
+}
+
+static void pool_destroy(snap_pool *p)
+{
+    for (int i = 0; i < p->n; i++)
+        free(p->buf[i]);
+    pthread_mutex_destroy(&p->mu);
+}
+
+static float *pool_get(snap_pool *p, size_t need, size_t *cap)
+{
+    pthread_mutex_lock(&p->mu);
+    int best = -1;
+    for (int i = 0; i < p->n; i++)
+        if (p->cap[i] >= need && (best < 0 || p->cap[i] < p->cap[best]))
+            best = i;
+    if (best >= 0) {
+        float *b = p->buf[best];
+        *cap = p->cap[best];
+        p->bytes -= p->cap[best] * sizeof(float);
+        p->n--;
+        p->buf[best] = p->buf[p->n];
+        p->cap[best] = p->cap[p->n];
+        pthread_mutex_unlock(&p->mu);
+        return b;
+    }
+    pthread_mutex_unlock(&p->mu);
+    *cap = need;
+    return malloc(need * sizeof(float));
+}
+
+static void pool_put(snap_pool *p, float *b, size_t cap)
+{
+    if (!b)
+        return;
+    pthread_mutex_lock(&p->mu);
+    if (p->n < POOL_SLOTS && p->bytes + cap * sizeof(float) <= POOL_BYTES) {
+        p->buf[p->n] = b;
+        p->cap[p->n] = cap;
+        p->n++;
+        p->bytes += cap * sizeof(float);
+        b = NULL;
+    }
+    pthread_mutex_unlock(&p->mu);
+    free(b);
+}
 
 typedef struct dw_job {
     struct dw_job *next; /* pthread FIFO link (unused with GCD) */
@@ -19,10 +85,12 @@ typedef struct dw_job {
     int M, N, K;
     int fail;            /* test hook: error code to report instead of computing */
     int blas_threads;
-    float *snapshot;     /* owned copy of dY then X, or NULL */
+    snap_pool *pool;
+    float *snapshot;     /* copy of dY then X from the pool, or NULL */
+    size_t snapshot_cap;
 } dw_job;
 
-static dw_job *job_new(float *dW, const float *dY, const float *X, int M, int N, int K, int copy,
+static dw_job *job_new(snap_pool *pool, float *dW, const float *dY, const float *X, int M, int N, int K, int copy,
                        int blas_threads)
 {
     dw_job *j = calloc(1, sizeof *j);
@@ -35,10 +103,11 @@ static dw_job *job_new(float *dW, const float *dY, const float *X, int M, int N,
     j->N = N;
     j->K = K;
     j->blas_threads = blas_threads;
+    j->pool = pool;
     if (copy) {
         size_t ny = (size_t)M * (size_t)K, nx = (size_t)N * (size_t)K;
-        /* one allocation for both operands; +1 keeps malloc(0) out of the picture */
-        j->snapshot = malloc((ny + nx + 1) * sizeof(float));
+        /* one buffer for both operands; +1 keeps malloc(0) out of the picture */
+        j->snapshot = pool_get(pool, ny + nx + 1, &j->snapshot_cap);
         if (!j->snapshot) {
             free(j);
             return NULL;
@@ -53,7 +122,7 @@ static dw_job *job_new(float *dW, const float *dY, const float *X, int M, int N,
 
 static void job_free(dw_job *j)
 {
-    free(j->snapshot);
+    pool_put(j->pool, j->snapshot, j->snapshot_cap);
     free(j);
 }
 
@@ -75,6 +144,7 @@ static int job_run(dw_job *j)
 #include <dispatch/dispatch.h>
 
 struct rustane_dwq {
+    snap_pool pool;
     dispatch_queue_t queue;
     dispatch_group_t group;
     atomic_int err;
@@ -103,6 +173,10 @@ rustane_dwq *rustane_dwq_create(int blas_threads)
     rustane_dwq *q = calloc(1, sizeof *q);
     if (!q)
         return NULL;
+    if (pool_init(&q->pool)) {
+        free(q);
+        return NULL;
+    }
     q->queue = dispatch_queue_create("rustane.dw", DISPATCH_QUEUE_SERIAL);
     q->group = dispatch_group_create();
     if (!q->queue || !q->group) {
@@ -110,6 +184,7 @@ rustane_dwq *rustane_dwq_create(int blas_threads)
             dispatch_release(q->queue);
         if (q->group)
             dispatch_release(q->group);
+        pool_destroy(&q->pool);
         free(q);
         return NULL;
     }
@@ -144,14 +219,15 @@ void rustane_dwq_destroy(rustane_dwq *q)
     dispatch_group_wait(q->group, DISPATCH_TIME_FOREVER);
     dispatch_release(q->queue);
     dispatch_release(q->group);
+    pool_destroy(&q->pool);
     free(q);
 }
 
 #else
 /* ---- pthread worker ---------------------------------------------------------------------------- */
-#include <pthread.h>
 
 struct rustane_dwq {
+    snap_pool pool;
     pthread_mutex_t mu;
     pthread_cond_t work;  /* signalled: job queued or stop requested */
     pthread_cond_t idle;  /* broadcast: queue drained and no job running */
@@ -196,6 +272,8 @@ rustane_dwq *rustane_dwq_create(int blas_threads)
     if (!q)
         return NULL;
     q->blas_threads = blas_threads;
+    if (pool_init(&q->pool))
+        goto fail_pool;
     if (pthread_mutex_init(&q->mu, NULL))
         goto fail_mu;
     if (pthread_cond_init(&q->work, NULL))
@@ -212,6 +290,8 @@ fail_idle:
 fail_work:
     pthread_mutex_destroy(&q->mu);
 fail_mu:
+    pool_destroy(&q->pool);
+fail_pool:
     free(q);
     return NULL;
 }
@@ -252,6 +332,7 @@ void rustane_dwq_destroy(rustane_dwq *q)
     pthread_cond_destroy(&q->idle);
     pthread_cond_destroy(&q->work);
     pthread_mutex_destroy(&q->mu);
+    pool_destroy(&q->pool);
     free(q);
 }
 #endif
@@ -260,7 +341,7 @@ void rustane_dwq_destroy(rustane_dwq *q)
 
 int rustane_dwq_submit(rustane_dwq *q, float *dW, const float *dY, const float *X, int M, int N, int K, int copy)
 {
-    dw_job *j = job_new(dW, dY, X, M, N, K, copy, q->blas_threads);
+    dw_job *j = job_new(&q->pool, dW, dY, X, M, N, K, copy, q->blas_threads);
     if (!j)
         return ENOMEM;
     return enqueue(q, j);
@@ -268,7 +349,7 @@ int rustane_dwq_submit(rustane_dwq *q, float *dW, const float *dY, const float *
 
 int rustane_dwq_submit_error(rustane_dwq *q, int err)
 {
-    dw_job *j = job_new(NULL, NULL, NULL, 0, 0, 0, 0, q->blas_threads);
+    dw_job *j = job_new(&q->pool, NULL, NULL, NULL, 0, 0, 0, 0, q->blas_threads);
     if (!j)
         return ENOMEM;
     j->fail = err;

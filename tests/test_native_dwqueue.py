@@ -54,6 +54,22 @@ def test_accumulates_in_order_into_one_dW():
     close_enough(dW, want.astype(np.float32), 160)
 
 
+def test_recycled_snapshot_buffers_across_rounds():
+    """Snapshot buffers are pooled: later, smaller or larger jobs must never see stale operands."""
+    rng = np.random.default_rng(9)
+    with native.DWQueue() as q:
+        for shapes in [[(64, 64, 64), (8, 8, 8)], [(8, 8, 8), (64, 32, 16)], [(33, 65, 7)] * 3, [(100, 3, 50)]]:
+            jobs = [operands(rng, *s) for s in shapes]
+            want = [reference(*j) for j in jobs]
+            for j in jobs:
+                q.submit(*j)
+                j[1][:] = np.nan  # clobber the caller's copies right away
+                j[2][:] = np.nan
+            q.wait()
+            for (dW, _, _), w, s in zip(jobs, want, shapes):
+                close_enough(dW, w, s[2])
+
+
 def test_snapshot_semantics():
     rng = np.random.default_rng(2)
     dW, dY, X = operands(rng, 50, 60, 70)
