@@ -15,9 +15,10 @@
 
 /* Snapshot buffers are recycled: a fresh multi-megabyte malloc is a new mmap whose first-touch page
  * faults cost more than the copy itself, and they would land on the caller's thread at every submit.
- * Freed buffers wait here (best fit on reuse) up to POOL_SLOTS buffers / POOL_BYTES bytes. */
-#define POOL_SLOTS 32
-#define POOL_BYTES ((size_t)256 << 20)
+ * Freed buffers wait here (best fit on reuse) up to POOL_SLOTS buffers / POOL_BYTES bytes, enough
+ * for every job of a Stories110M backward pass in flight at once (84 jobs, ~180 MB). */
+#define POOL_SLOTS 128
+#define POOL_BYTES ((size_t)512 << 20)
 
 typedef struct {
     pthread_mutex_t mu;
