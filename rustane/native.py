@@ -18,7 +18,9 @@ dW queue semantics (:class:`DWQueue`): jobs ``dW[out, in] += dY[out, S] @ X[in, 
 time, in submission order, on a background worker (GCD serial queue on macOS, a pthread elsewhere).
 By default ``submit`` *snapshots* ``dY`` and ``X`` (one malloc + memcpy on the calling thread, as
 maderix does) so the caller may overwrite them immediately; ``copy=False`` skips the copy and then the
-caller must leave them untouched until :meth:`DWQueue.wait`. ``dW`` is always updated in place: the
+caller must leave them untouched until :meth:`DWQueue.wait`. Snapshot buffers are recycled inside the
+queue (freed ones are kept for reuse, at most 128 buffers / 512 MB, released by ``close()``), since a
+fresh multi-megabyte allocation costs more in page faults than the copy itself. ``dW`` is always updated in place: the
 queue keeps a reference to it (so it cannot be freed early), and it must not be read or written by
 anyone else until ``wait()`` returns. Bad arguments raise at ``submit``; a failure inside a job is
 raised by the next ``wait()``. ``submit`` and ``wait`` may be called from several threads at once.
