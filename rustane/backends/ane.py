@@ -253,19 +253,36 @@ def _check_binding(kernel: str, what: str, specs: Sequence[TensorSpec], bufs: Se
 
 class AneBackend(Backend):
     """Compile MIL for the Neural Engine. ``check=True`` runs the ANE rule checker (for chip
-    ``target``) first, like the sim backend."""
+    ``target``) first, like the sim backend.
+
+    ``dialect``: the MIL spelling this chip/OS compiles, 'ios18' (program(1.3), what the templates
+    are written in) or 'ios16' (program(1.0), verbose scalars). ``None`` takes it from the cached
+    ``python -m rustane.probe`` result when there is one, else 'ios18'; programs are converted
+    with ``rustane.mil.dialect.to_dialect`` before compiling."""
 
     name = "ane"
 
-    def __init__(self, check: bool = True, target: str = "m4"):
+    def __init__(self, check: bool = True, target: str = "m4", dialect: str | None = None):
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"the ane backend is not available here: {reason}")
         self.check = check
         self.target = target
+        if dialect is None:
+            from rustane.probe import load_cached_probe
+
+            dialect = (load_cached_probe() or {}).get("dialect") or "ios18"
+        if dialect not in ("ios18", "ios16"):
+            raise ValueError(f"dialect must be 'ios18' or 'ios16', got {dialect!r}")
+        self.dialect = dialect
 
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> AneKernel:
         _ane = _runtime()
+        if self.dialect == "ios16" and "<ios16>" not in mil_text:
+            from rustane.mil import emit, parse
+            from rustane.mil.dialect import to_dialect
+
+            mil_text = emit(to_dialect(parse(mil_text), "ios16"))
         program, inputs, outputs = parse_signature(mil_text)
         diagnostics = _run_checker(program, self.target, name) if self.check else []
         model = _ane.compile(mil_text.encode("utf-8"), dict(blobs or {}))
