@@ -217,9 +217,15 @@ def copy_channels(dst, Py_ssize_t dst_c0, src, Py_ssize_t src_c0, Py_ssize_t n, 
                          f"{dst_col + cols}) are outside dst {dst.shape}")
     cdef uint16_t *dp = <uint16_t *>cnp.PyArray_DATA(d) + dst_c0 * dW + dst_col
     cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(s) + src_c0 * sW + src_col
-    if n > 0 and cols > 0:  # byte hulls of the two windows (exact for full-width copies)
-        _disjoint("the src window", <uintptr_t>sp, <uintptr_t>(sp + (n - 1) * sW + cols),
-                  "the dst window", <uintptr_t>dp, <uintptr_t>(dp + (n - 1) * dW + cols))
+    if n > 0 and cols > 0:
+        if _addr(d) == _addr(s) and dW == sW:  # one buffer: windows clash only if rows and columns both do
+            if dst_c0 < src_c0 + n and src_c0 < dst_c0 + n and dst_col < src_col + cols and src_col < dst_col + cols:
+                raise ValueError(f"copy_channels: src window channels [{src_c0}, {src_c0 + n}) x columns "
+                                 f"[{src_col}, {src_col + cols}) overlaps the dst window channels [{dst_c0}, "
+                                 f"{dst_c0 + n}) x columns [{dst_col}, {dst_col + cols}) of the same buffer")
+        else:  # different views: compare the byte hulls of the two windows
+            _disjoint("the src window", <uintptr_t>sp, <uintptr_t>(sp + (n - 1) * sW + cols),
+                      "the dst window", <uintptr_t>dp, <uintptr_t>(dp + (n - 1) * dW + cols))
     with nogil:
         rustane_copy16(dp, <size_t>dW, sp, <size_t>sW, <size_t>n, <size_t>cols)
     return dst

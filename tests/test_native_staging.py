@@ -129,8 +129,16 @@ def test_copy_channels_within_one_buffer():
     want[8:12] = buf[0:4]
     native.copy_channels(buf, 8, buf, 0, 4)  # disjoint channel ranges of one surface
     assert np.array_equal(buf.view(np.uint16), want.view(np.uint16))
-    with pytest.raises(ValueError, match="share memory"):
+    with pytest.raises(ValueError, match="overlaps the dst window"):
         native.copy_channels(buf, 2, buf, 0, 4)
+    want = buf.copy()
+    want[0:4, 5:8] = buf[0:4, 0:3]
+    native.copy_channels(buf, 0, buf, 0, 4, dst_col=5, src_col=0, ncols=3)  # same rows, disjoint columns
+    assert np.array_equal(buf.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(ValueError, match="overlaps"):
+        native.copy_channels(buf, 1, buf, 0, 4, dst_col=2, src_col=0, ncols=3)
+    with pytest.raises(ValueError, match="share memory"):  # a second view of the same memory
+        native.copy_channels(buf[2:], 0, buf, 0, 4)
 
 
 def test_out_of_range_and_bad_arguments():
