@@ -81,7 +81,9 @@ def _cache_dir() -> Path:
 def _build_fake_tier(prefix: Path) -> Path:
     """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages."""
     build_dir = _cache_dir()
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--prefix", str(prefix),
+    # --ignore-installed: without it pip "upgrades" by uninstalling the rustane this test session
+    # is running from before installing into the prefix
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "--quiet", "--prefix", str(prefix),
            f"-Cbuild-dir={build_dir}", "-Csetup-args=-Dane_fake=true", str(REPO)]
     if importlib.util.find_spec("mesonpy") is not None:
         cmd.insert(4, "--no-build-isolation")  # build tools present: skip the isolated env (~10 s)
