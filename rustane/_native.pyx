@@ -300,8 +300,8 @@ cdef class DWQueue:
         cdef float *wp = <float *>cnp.PyArray_DATA(w)
         cdef const float *yp = <const float *>cnp.PyArray_DATA(y)
         cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
-        cdef int rc
-        cdef rustane_dwq *q
+        cdef int rc = 0
+        cdef rustane_dwq *q = NULL
         cdef int c = copy
         # The reference goes in before the job and under the lock that wait() swaps the list with,
         # so a concurrent wait() never drops the reference of a job it did not wait for.
@@ -318,15 +318,15 @@ cdef class DWQueue:
         """Test hook: queue a job that fails with errno ``code`` when it runs."""
         if code <= 0:
             raise ValueError("code must be a positive errno value")
-        cdef int rc
+        cdef int rc = 0
         with self._lock:
             rc = rustane_dwq_submit_error(self._live(), code)
         if rc != 0:
             raise _job_error(rc)
 
     def wait(self):
-        cdef rustane_dwq *q
-        cdef int rc
+        cdef rustane_dwq *q = NULL
+        cdef int rc = 0
         with self._lock:
             q = self._live()
             done = self._refs
@@ -338,7 +338,7 @@ cdef class DWQueue:
             raise _job_error(rc)
 
     def close(self):
-        cdef rustane_dwq *q
+        cdef rustane_dwq *q = NULL
         cdef int rc = 0
         with self._lock:
             q = self._q
