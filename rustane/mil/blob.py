@@ -65,7 +65,7 @@ def _as_fp16(array, what: str, dtype=np.float16) -> np.ndarray:
         bad = np.isfinite(arr) & ~np.isfinite(out)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{what}: value {arr[idx]!r} at index {idx} overflows {np.dtype(dtype).name}")
+            raise ValueError(f"{what}: value {arr[idx]!r} at index {idx} overflows {'fp16' if np.dtype(dtype) == np.float16 else 'fp32'}")
     if out.nbytes >= 2**32:
         raise ValueError(f"{what}: {out.nbytes} bytes do not fit the uint32 size field of a blob chunk")
     return out
