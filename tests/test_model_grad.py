@@ -48,7 +48,7 @@ def _reference(cfg, params, tokens, targets):
         loss, _ = torch_ref.forward(tp, cfg, x, y)
         total = loss if total is None else total + loss
     total.backward()
-    return float(total) / len(tokens), {k: t.grad.numpy() for k, t in tp.items()}
+    return total.item() / len(tokens), {k: t.grad.numpy() for k, t in tp.items()}
 
 
 def _engine_grads(cfg, params, tokens, targets, precision, loss_scale=1.0):
