@@ -85,11 +85,6 @@ def _get(view: np.ndarray, tap: kernels.Tap) -> np.ndarray:
     return np.array(view[tap.c0:tap.c1], dtype=np.float32)
 
 
-def _move(dst: np.ndarray, blk: kernels.Block, src: np.ndarray, tap: kernels.Tap) -> None:
-    """Copy an output tap into an input block buffer-to-buffer, without leaving the buffer dtype."""
-    dst[blk.c0:blk.c1, blk.col0:blk.col1] = src[tap.c0:tap.c1]
-
-
 class PhaseTimer:
     """Wall time per phase of a step (kernel evals, staging, cpu ops, dW wait, optimizer)."""
 
@@ -154,6 +149,7 @@ class Model:
         self.compile_seconds = time.perf_counter() - t0
         self._blocks = {n: {b.name: b for b in sp.blocks} for n, sp in self.plan.items()}
         self._taps = {n: {t.name: t for t in sp.taps} for n, sp in self.plan.items()}
+        self._copy_plans: dict = {}
         L = self.cfg.n_layers
         self.inb: dict[str, list] = {}
         self.outb: dict[str, list] = {}
@@ -217,16 +213,32 @@ class Model:
         self.timer.seconds["staging"] += time.perf_counter() - t0
         return out
 
-    def _copy(self, dst_name: str, dst_layer: int, moves: list[tuple[str, int, str, str]]) -> None:
-        """Buffer-to-buffer copies of taps into ``dst_name``'s input: (src kernel, src layer, tap, block)."""
-        blocks = self._blocks[dst_name]
+    def _copy(self, dst_name: str, dst_layer: int, moves: tuple[tuple[str, int, str, str], ...]) -> None:
+        """Buffer-to-buffer copies of taps into ``dst_name``'s input: (src kernel, src layer, tap, block).
+
+        The buffers and slices of each distinct call are resolved once and memoised: these copies
+        run several times per layer and step, and their Python overhead is the engine's own cost.
+        """
+        key = (dst_name, dst_layer, moves)
+        plan = self._copy_plans.get(key)
+        if plan is None:
+            plan = self._copy_plans[key] = self._plan_copy(dst_name, dst_layer, moves)
+        dbuf, items = plan
         t0 = time.perf_counter()
-        with self.inb[dst_name][min(dst_layer, len(self.inb[dst_name]) - 1)].lock() as dview:
-            for src_name, src_layer, tap, blk in moves:
-                sbuf = self.outb[src_name][min(src_layer, len(self.outb[src_name]) - 1)]
+        with dbuf.lock() as dview:
+            for sbuf, dsl, ssl in items:
                 with sbuf.lock(readonly=True) as sview:
-                    _move(dview, blocks[blk], sview, self._taps[src_name][tap])
+                    dview[dsl] = sview[ssl]
         self.timer.seconds["staging"] += time.perf_counter() - t0
+
+    def _plan_copy(self, dst_name: str, dst_layer: int, moves) -> tuple:
+        dbuf = self.inb[dst_name][min(dst_layer, len(self.inb[dst_name]) - 1)]
+        items = []
+        for src_name, src_layer, tap, blk in moves:
+            b, t = self._blocks[dst_name][blk], self._taps[src_name][tap]
+            sbuf = self.outb[src_name][min(src_layer, len(self.outb[src_name]) - 1)]
+            items.append((sbuf, (slice(b.c0, b.c1), slice(b.col0, b.col1)), slice(t.c0, t.c1)))
+        return dbuf, tuple(items)
 
     def _dw(self, grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
         """Queue ``grad += dy · xᵀ``. dy and x are arrays nobody writes again before the next wait,
@@ -319,8 +331,8 @@ class Model:
         df = dy * alpha if alpha != 1 else dy
         self._stage("ffnBwdW2t", layer, df=df)
         self._eval("ffnBwdW2t", layer)
-        self._copy("ffnBwdW13t", layer, [("ffnBwdW2t", 0, "dgate", "dgate"),
-                                         ("ffnFused", layer, "h1", "h1"), ("ffnFused", layer, "h3", "h3")])
+        self._copy("ffnBwdW13t", layer, (("ffnBwdW2t", 0, "dgate", "dgate"),
+                                         ("ffnFused", layer, "h1", "h1"), ("ffnFused", layer, "h3", "h3")))
         (gate,) = self._read("ffnFused", layer, "gate")
         self._dw(g(_WEIGHT_OF["w2"]), df, gate)
         self._eval("ffnBwdW13t", layer)
@@ -334,16 +346,16 @@ class Model:
         T.seconds["cpu"] += time.perf_counter() - t0
 
         # attention: x2 = x + α·Wo·attn(rope(Wq·xn), rope(Wk·xn), Wv·xn)
-        dx2s = dx2 * alpha if alpha != 1 else dx2.copy()
+        dx2s = dx2 * alpha if alpha != 1 else dx2  # nothing writes dx2 after this point
         self._stage("wotBwd", layer, dx2s=dx2s)
         self._eval("wotBwd", layer)
         (attn,) = self._read("sdpaFwd", layer, "attn")
         self._dw(g(_WEIGHT_OF["wo"]), dx2s, attn)
-        self._copy("sdpaBwd1", 0, [("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
-                                   ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")])
+        self._copy("sdpaBwd1", 0, (("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
+                                   ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")))
         self._eval("sdpaBwd1", layer)
-        self._copy("sdpaBwd2", 0, [("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
-                                   ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")])
+        self._copy("sdpaBwd2", 0, (("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
+                                   ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")))
         self._eval("sdpaBwd2", layer)
         (dv,) = self._read("sdpaBwd1", 0, "dv")
         dq_r, dk_r = self._read("sdpaBwd2", 0, "dq_rope", "dk_rope")
