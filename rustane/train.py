@@ -18,7 +18,7 @@ from rustane import checkpoint
 from rustane.config import ConfigError, preset, preset_names
 from rustane.data import DataError, open_dataset
 
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 1200
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     c.add_argument("--keep", type=int, default=3, help="keep the N newest checkpoints (0 keeps all)")
     c.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the latest in --out")
-    c.add_argument("--eval-every", type=int, default=100, help="validation loss every N steps (0: never)")
+    c.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: never)")
     c.add_argument("--eval-batches", type=int, default=8, help="validation sequences per evaluation")
     c.add_argument("--sample", type=int, default=120, help="generate N tokens at the end (0: none)")
     c.add_argument("--prompt", default="Once upon a time", help="prompt for the sample")
