@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     from rustane.engine import Engine
 
     path = Path(args.checkpoint)
+    if not path.is_dir():
+        raise SystemExit(f"error: checkpoint {path} does not exist or is not a directory "
+                         f"(pass a step-N folder or a run folder from --out)")
     if path.is_dir() and not (path / "config.json").exists():
         latest = checkpoint.latest(path)
         if latest is None:
