@@ -4,15 +4,10 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define RUSTANE_HAVE_X86 1
-#include <cpuid.h>
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
-#if defined(__aarch64__) && defined(__ARM_NEON)
-#define RUSTANE_HAVE_NEON 1
-#include <arm_neon.h>
+#ifdef RUSTANE_HAVE_X86
+#include <cpuid.h> /* runtime F16C detection */
 #endif
 
 /* ---- portable scalar reference (integer only, independent of the FPU rounding mode) ---------- */

@@ -5,15 +5,7 @@
 
 #include "fp16.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#define RUSTANE_HAVE_X86 1
-#include <immintrin.h>
-#endif
-
-#if defined(__aarch64__) && defined(__ARM_NEON)
-#define RUSTANE_HAVE_NEON 1
-#include <arm_neon.h>
-#endif
+#include "simd.h"
 
 /* Transposed staging works on tiles of TILE_N source rows x TILE_C channels (8 KB of fp32 read,
  * TILE_C destination rows of 128 bytes written), so both sides stay in L1 whatever the pitches.
