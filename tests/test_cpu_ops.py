@@ -216,6 +216,87 @@ def test_cross_entropy_vs_torch():
     np.testing.assert_allclose(dl, lt.grad.numpy().T, rtol=1e-4, atol=1e-7)
 
 
+def _ce_float64(logits, t, scale):
+    """Loss and dlogits in float64 from the float32 logits (the C computes exp by a polynomial)."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=0)
+    p = np.exp(x - m)
+    ssum = p.sum(axis=0)
+    cols = np.arange(x.shape[1])
+    loss = float(np.mean(np.log(ssum) + m - x[t, cols]))
+    g = p / ssum
+    g[t, cols] -= 1.0
+    return loss, g * (scale / x.shape[1])
+
+
+def _hard_logits(V, S, rng):
+    """[V, S] columns chosen to stress the CE: ordinary, huge magnitudes, a max that rises row
+    block by row block (sorted), a falling one, values far below the max (the exp cut-off
+    region and -3e38) and a single dominant logit over a spread of [-87.3, 0]."""
+    cols = [rng.standard_normal(V) * 3,
+            rng.uniform(-3e4, 3e4, V),
+            np.sort(rng.standard_normal(V) * 20),
+            -np.sort(rng.standard_normal(V) * 20),
+            np.where(rng.random(V) < 0.5, rng.uniform(-200, -80, V), rng.standard_normal(V)),
+            np.where(rng.random(V) < 0.3, -3e38, rng.standard_normal(V) * 5),
+            np.concatenate([[0.0], rng.uniform(-87.3, 0.0, V - 1)])]
+    return f32(np.stack([cols[s % len(cols)] for s in range(S)], axis=1))
+
+
+@pytest.mark.parametrize("V,S", [(32000, 21), (203, 1100)])
+def test_cross_entropy_polynomial_exp_vs_float64(V, S):
+    """Loss and dlogits against float64 at the production vocabulary (V = 32000) and past one
+    column block (S > 512). The C exp has relative error <= ~1.1e-7 (a polynomial, measured
+    over every fp32 in [-87.33, 0]); with the fp32 roundings of the normaliser and the stored
+    result, each dlogits term stays within 5e-7 relative (plus the fp32 rounding of its exp's
+    argument, 2^-24·|logit - max|), the target's within that plus 2e-7 of grad_scale/S (its
+    subtraction cancels). The loss differs only through log(sum): <= 3e-7 absolute."""
+    rng = np.random.default_rng(V + S)
+    logits = _hard_logits(V, S, rng)
+    t = rng.integers(0, V, S)
+    t[S - 1] = 0  # the dominant logit of the spread column (or its neighbour's target)
+    scale = 256.0
+    ref_loss, ref_dl = _ce_float64(logits, t, scale)
+    loss, dl = cpu.cross_entropy(logits, t, grad_scale=scale)
+    assert abs(loss - ref_loss) <= 3e-7 + 1e-15 * abs(ref_loss), (loss, ref_loss)
+    k = scale / S
+    # relative bound on every probability term; exps below 2^-126 (x < -87.33) are 0 in the C
+    # The C rounds x = logit - max to fp32 before exp: up to 2^-24·|x| more, relative.
+    x = logits.astype(np.float64) - logits.max(axis=0)
+    bound = (5e-7 + 2.0**-24 * np.abs(x)) * np.abs(ref_dl) + 1e-37 * k
+    bound[t, np.arange(S)] += 2e-7 * k  # the target's p - 1 cancels
+    worst = (np.abs(dl.astype(np.float64) - ref_dl) / bound).max()
+    assert worst <= 1.0, f"dlogits off by {worst:.2f}x the stated bound"
+    # in place gives the same bits
+    buf = logits.copy()
+    loss2, dl2 = cpu.cross_entropy(buf, t, grad_scale=scale, dlogits=buf)
+    assert loss2 == loss
+    np.testing.assert_array_equal(dl2, dl)
+
+
+def test_cross_entropy_nonfinite_logits():
+    """NaN or +inf anywhere in a column makes the loss NaN (and that column's dlogits); a -inf
+    logit is an exact zero probability: finite loss unless it is the target's (then +inf)."""
+    V, S = 150, 3
+    base = f32(RNG.standard_normal((V, S)))
+    t = np.array([1, 2, 3])
+    for bad in (np.nan, np.inf):
+        for row in (5, 1):  # another logit, the target's
+            x = base.copy()
+            x[row, 0] = bad
+            loss, dl = cpu.cross_entropy(x, t)
+            assert math.isnan(loss)
+            assert np.isnan(dl[:, 0]).all() and np.isfinite(dl[:, 1:]).all()
+    x = base.copy()
+    x[5, 0] = -np.inf
+    loss, dl = cpu.cross_entropy(x, t)
+    ref_loss, ref_dl = _ce_float64(x, t, 1.0)
+    assert abs(loss - ref_loss) < 1e-6 and dl[5, 0] == 0.0
+    np.testing.assert_allclose(dl, ref_dl, rtol=5e-7, atol=1e-7 / S)
+    x[1, 0] = -np.inf
+    assert cpu.cross_entropy(x, t)[0] == math.inf
+
+
 def test_cross_entropy_bad_targets():
     with pytest.raises(ValueError, match=r"targets: ids must lie in \[0, 5\)"):
         cpu.cross_entropy(np.zeros((5, 3), np.float32), [0, 5, 1])
