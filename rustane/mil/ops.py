@@ -31,6 +31,7 @@ from .interp import F32, MilPlanError, Node, ValueInfo, storage_dtype
 BUILDERS: dict[str, Callable[["OpCompiler"], Node | ValueInfo]] = {}
 _REQUIRED = object()
 FLOATS = ("fp16", "fp32", "fp64")
+_ONE32 = np.float32(1.0)
 
 
 def op(*names: str):
@@ -359,14 +360,31 @@ def _sigmoid32(x, o):
     np.subtract(1.0, o, out=o, where=pos)  # sigmoid(|x|) = 1 - sigmoid(-|x|) where x >= 0
 
 
+def _sigmoid32_terms(x):
+    """Numerator and denominator of the stable fp32 sigmoid, fresh arrays (so callers may write
+    over x): with e = exp(-|x|) <= 1 (no overflow), sigmoid = 1/(1+e) where x >= 0, else
+    e/(1+e). The numerator is max(e, x >= 0): 1 where x >= 0 (e <= 1), else e (also where
+    e = 0 or NaN) -- the same bits as np.where(x >= 0, 1, e), whose scalar branch took 0.8 of
+    1.3 ms at [1,768,1,256] (a masked copyto is as slow)."""
+    pos = np.greater_equal(x, 0)
+    num = np.abs(x)
+    np.negative(num, out=num)
+    np.exp(num, out=num)
+    den = np.add(num, _ONE32)
+    np.maximum(num, pos, out=num)
+    return num, den
+
+
 def _sigmoid32_exact(x, o):
-    e = np.exp(-np.abs(x))
-    np.divide(np.where(x >= 0, 1.0, e).astype(F32, copy=False), (1.0 + e), out=o)
+    # o may be x: every read of x happens in _sigmoid32_terms, before o is written.
+    num, den = _sigmoid32_terms(x)
+    np.divide(num, den, out=o)
 
 
 def _silu32(x, o):
-    _sigmoid32_exact(x, o)
-    np.multiply(o, x, out=o)
+    num, den = _sigmoid32_terms(x)
+    np.divide(num, den, out=num)
+    np.multiply(num, x, out=o)  # o may be x: x is read here for the last time
 
 
 def _relu32(x, o):
