@@ -39,7 +39,11 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
  * Returns the mean over positions of -log softmax(logits[:, s])[targets[s]] and writes
  *   dlogits[v,s] = (softmax[v,s] - [v == targets[s]]) * grad_scale / S.
  * `dlogits` may alias `logits` (saves a [V, S] buffer at large vocabularies). Targets must
- * lie in [0, V) (checked by the caller). Returns NaN on allocation failure. */
+ * lie in [0, V) (checked by the caller). Returns NaN on allocation failure.
+ * Numerics: exp is a vectorisable polynomial (relative error <= 1.1e-7 on [-87.33, 0]); terms
+ * with logit - max < -87.33 count as 0 (expf would give subnormals); per-position sums and the
+ * loss are in double. NaN or +inf in a column makes the loss NaN; a -inf logit is probability
+ * 0 (loss +inf if it is the target's). */
 double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
                         int V, int S, float grad_scale);
 
