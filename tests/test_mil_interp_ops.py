@@ -287,6 +287,25 @@ def test_reductions(shape, data, op, keep, prec):
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_fp16_multi_axis_sum_rounds_once():
+    """numpy reduces several axes into `out` one axis at a time; with an fp16 out that rounded
+    after every axis (1 ulp off, e.g. axes [2, 0]). Every axis order, against the exact sum."""
+    import itertools
+
+    shape = (2, 3, 2, 4)
+    worst = 0.0
+    for k in (2, 3):
+        for axes in itertools.permutations(range(4), k):
+            x = rnd(shape, sum(axes) + 7 * k, scale=2.0)
+            oshape = tuple(s for i, s in enumerate(shape) if i not in axes)
+            out, ins = one("reduce_sum", {"x": x}, {"axes": np.array(axes, np.int32), "keep_dims": False},
+                           oshape, "fp16")
+            ref = f64(ins["x"]).sum(axis=tuple(sorted(axes)))  # fp16 operands: exact in float64
+            half_ulp = 0.5 * np.spacing(np.abs(ref).astype(F16)).astype(np.float64)
+            worst = max(worst, float(np.max(np.abs(f64(out) - ref) / half_ulp)))
+    assert worst <= 1.0, f"{worst:.2f} half-ulps off"
+
+
 def test_reduce_default_all_axes():
     x = rnd((2, 3, 4), 1)
     out, ins = one("reduce_sum", {"x": x}, {}, (), "fp32")

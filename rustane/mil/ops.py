@@ -569,11 +569,15 @@ def _reduce(c: OpCompiler):
             return partial(np.maximum.reduce, a, axis=axes, keepdims=keep, out=out)
         if kind == "reduce_min":
             return partial(np.minimum.reduce, a, axis=axes, keepdims=keep, out=out)
-        if kind == "reduce_sum":
-            return partial(np.add.reduce, a, axis=axes, keepdims=keep, dtype=dt, out=out)
-        if kind == "reduce_prod":
-            return partial(np.multiply.reduce, a, axis=axes, keepdims=keep, dtype=dt, out=out)
         acc = out if out.dtype == dt else bctx.scratch(out.shape, dt)
+        if kind in ("reduce_sum", "reduce_prod"):
+            # numpy accumulates a multi-axis (or buffered) reduction in `out` itself, so an
+            # fp16 out would round after each axis: reduce into fp32 and round once.
+            uf = np.add if kind == "reduce_sum" else np.multiply
+            steps = [partial(uf.reduce, a, axis=axes, keepdims=keep, dtype=dt, out=acc)]
+            if acc is not out:
+                steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+            return steps
         steps = []
         if kind == "reduce_sum_square":
             sq = bctx.scratch(a.shape, dt)
