@@ -104,8 +104,9 @@ def cross_entropy(logits: np.ndarray, targets, grad_scale: float = 1.0, *,
     """Full-vocabulary softmax CE on ``logits [V, S]`` → ``(mean loss, dlogits [V, S])``.
 
     ``dlogits = (softmax − onehot)·grad_scale/S``; pass ``dlogits=logits`` to overwrite the
-    logits in place (the loss is still exact: target logits are read first). The loss is NaN if
-    any logit is non-finite.
+    logits in place (the loss is still exact: target logits are read first). The loss is NaN if a
+    column holds NaN or +inf; a −inf logit has probability 0 (the loss is +inf if it is the
+    target's).
     """
     dlogits = _empty(np.shape(logits)) if dlogits is None else dlogits
     loss = _cpu.cross_entropy(logits, as_tokens(targets), dlogits, float(grad_scale))

@@ -349,17 +349,6 @@ def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], 
     return c.node([x], dtype or x.dtype, x.shape, make)
 
 
-def _sigmoid32(x, o):
-    # numerically stable: exp of a non-positive argument only
-    np.abs(x, out=o)
-    np.negative(o, out=o)
-    np.exp(o, out=o)  # e = exp(-|x|) in (0, 1]
-    pos = x >= 0
-    d = 1.0 + o
-    np.divide(o, d, out=o)  # e / (1 + e) = sigmoid(-|x|)
-    np.subtract(1.0, o, out=o, where=pos)  # sigmoid(|x|) = 1 - sigmoid(-|x|) where x >= 0
-
-
 def _sigmoid32_terms(x):
     """Numerator and denominator of the stable fp32 sigmoid, fresh arrays (so callers may write
     over x): with e = exp(-|x|) <= 1 (no overflow), sigmoid = 1/(1+e) where x >= 0, else
