@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from kernel_refs import numerical_grad as central_diff  # one central-difference helper for all tests
 from tiers import require_module, unavailable
 
 try:
@@ -27,22 +28,6 @@ RNG = np.random.default_rng(1234)
 
 def f32(a):
     return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def central_diff(f, x, eps=1e-6):
-    """d f(x) / dx for scalar f, float64, every element."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        fp = f(x)
-        x[i] = old - eps
-        fm = f(x)
-        x[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
 
 
 # ---- float64 numpy references (the formulas written independently of the C) ----
