@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -320,6 +322,18 @@ class Engine:
             if on_eval:
                 on_eval(self.step, val)
 
+        # Ctrl-C stops at the next step boundary, so a checkpoint written then resumes exactly
+        # (a second Ctrl-C aborts at once)
+        interrupted: list[bool] = []
+
+        def on_sigint(signum, frame):
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append(True)
+
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGINT, on_sigint)
         last_saved = None
         try:
             if eval_every and self.step == 0:
@@ -336,15 +350,21 @@ class Engine:
                 if eval_every and (self.step % eval_every == 0 or self.step == total):
                     do_eval()
                 if out_dir is not None and save_every and self.step % save_every == 0:
-                    last_saved = self._save_step(out_dir, keep)
+                    last_saved = self.save_step(out_dir, keep)
+                if interrupted:
+                    raise KeyboardInterrupt
             if out_dir is not None and last_saved != self.step:
-                self._save_step(out_dir, keep)
+                self.save_step(out_dir, keep)
         finally:
             if metrics is not None:
                 metrics.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         return {"history": history, "evals": evals, "report": self.efficiency_report(history)}
 
-    def _save_step(self, out_dir: Path, keep: int | None) -> int:
+    def save_step(self, out_dir: str | os.PathLike, keep: int | None = None) -> int:
+        """Checkpoint to ``out_dir/step-N`` and prune to the ``keep`` newest; returns the step."""
+        out_dir = Path(out_dir)
         self.save(checkpoint.step_dir(out_dir, self.step))
         if keep:
             checkpoint.prune(out_dir, keep)

@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        print(f"\ninterrupted at step {eng.step}; saving a checkpoint")
-        eng._save_step(out, args.keep or None)
+        print(f"\ninterrupted after step {eng.step}; saving a checkpoint (resume continues exactly)")
+        eng.save_step(out, args.keep or None)
         return 130
     finally:
         if bar is not None:

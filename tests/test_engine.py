@@ -66,8 +66,10 @@ def test_resume_is_bit_identical_in_process(tmp_path):
                               straight.model.params["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_kill_and_resume_auto_matches_straight_run(tmp_path):
-    """SIGKILL a CLI run mid-training (possibly mid-save), resume with --resume auto."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_kill_and_resume_auto_matches_straight_run(tmp_path, sig):
+    """Kill a CLI run mid-training (SIGKILL: possibly mid-save; SIGINT: Ctrl-C, which saves at the
+    next step boundary), then resume with --resume auto: the weights equal an unbroken run's."""
     tok = _token_file(tmp_path / "t.bin", preset("tiny").vocab_size, n=20000)
     common = ["--data", str(tok), "--backend", "sim", "--steps", "16", "--save-every", "2",
               "--keep", "0", "--eval-every", "0", "--sample", "0", "--seed", "1"]
@@ -80,8 +82,10 @@ def test_kill_and_resume_auto_matches_straight_run(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "step-00000006" / "trainer_state.json").exists():
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    rc = proc.wait()
+    if sig == signal.SIGINT:
+        assert rc == 130, "Ctrl-C should save a checkpoint and exit 130"
     before = checkpoint.latest(out)
     assert before is not None and checkpoint.load(before).step < 16, "the run finished before it was killed"
     _run_cli(*common, "--out", str(out), "--resume", "auto", cwd=tmp_path)
