@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "blas.h"
 
@@ -230,9 +231,11 @@ void rustane_dwq_destroy(rustane_dwq *q)
 struct rustane_dwq {
     snap_pool pool;
     pthread_mutex_t mu;
-    pthread_cond_t work;  /* signalled: job queued or stop requested */
+    pthread_cond_t work;  /* signalled: job queued (worker asleep) or stop requested */
     pthread_cond_t idle;  /* broadcast: queue drained and no job running */
     dw_job *head, *tail;
+    atomic_int queued;    /* jobs in the list; polled without the lock while the worker spins */
+    int sleeping;         /* the worker is in pthread_cond_wait (read/written under mu) */
     int running;          /* a job is executing outside the lock */
     int stop;
     int err;              /* first error since the last wait */
@@ -240,19 +243,55 @@ struct rustane_dwq {
     pthread_t thread;
 };
 
+/* Waking a sleeping thread costs a futex syscall plus a cross-CPU interrupt (~8 us measured in this
+ * VM, more than the job-submit itself), and a backward pass submits its dW jobs in bursts a few
+ * microseconds apart. So a worker that drains the queue first polls for up to SPIN_NS before it
+ * sleeps; submits that land inside that window need no wake-up at all. The price is at most
+ * SPIN_NS of one core after each burst. */
+#define SPIN_NS 50000L
+
+static long elapsed_ns(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
+}
+
+static void spin_for_work(rustane_dwq *q)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (unsigned i = 1; atomic_load_explicit(&q->queued, memory_order_acquire) <= 0; i++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if ((i & 63) == 0 && elapsed_ns(&t0) > SPIN_NS)
+            return;
+    }
+}
+
 static void *worker(void *p)
 {
     rustane_dwq *q = p;
     pthread_mutex_lock(&q->mu);
     for (;;) {
-        while (!q->head && !q->stop)
-            pthread_cond_wait(&q->work, &q->mu);
+        if (!q->head && !q->stop) {
+            pthread_mutex_unlock(&q->mu);
+            spin_for_work(q);
+            pthread_mutex_lock(&q->mu);
+            while (!q->head && !q->stop) {
+                q->sleeping = 1;
+                pthread_cond_wait(&q->work, &q->mu);
+                q->sleeping = 0;
+            }
+        }
         if (!q->head) /* stop requested and everything drained */
             break;
         dw_job *j = q->head;
         q->head = j->next;
         if (!q->head)
             q->tail = NULL;
+        atomic_fetch_sub_explicit(&q->queued, 1, memory_order_relaxed);
         q->running = 1;
         pthread_mutex_unlock(&q->mu);
         int rc = job_run(j);
@@ -273,6 +312,7 @@ rustane_dwq *rustane_dwq_create(int blas_threads)
     if (!q)
         return NULL;
     q->blas_threads = blas_threads;
+    atomic_init(&q->queued, 0);
     if (pool_init(&q->pool))
         goto fail_pool;
     if (pthread_mutex_init(&q->mu, NULL))
@@ -305,8 +345,17 @@ static int enqueue(rustane_dwq *q, dw_job *j)
     else
         q->head = j;
     q->tail = j;
-    pthread_cond_signal(&q->work);
+    const int wake = q->sleeping;
     pthread_mutex_unlock(&q->mu);
+    /* Published after unlocking, so a spinning worker that sees it takes the mutex uncontended
+     * (seeing it earlier, it would block on our lock and we would pay a futex wake to release it).
+     * Only a sleeping worker needs the signal; it is sent after unlocking for the same reason. No
+     * wake-up is lost: the worker sets `sleeping` and waits atomically under mu, and we read it
+     * under mu. The count may dip to -1 for a moment when the worker, done spinning, takes the job
+     * from the list first; the spin only tests > 0. */
+    atomic_fetch_add_explicit(&q->queued, 1, memory_order_release);
+    if (wake)
+        pthread_cond_signal(&q->work);
     return 0;
 }
 

@@ -138,6 +138,7 @@ class Model:
         self._g_embed_in = np.zeros_like(self.params[self.embed_name]) if cfg.tie_embeddings else self.grads[self.embed_name]
         self.queue = native.DWQueue()
         self.timer = PhaseTimer()
+        self._index_layers()
         self._compile()
         self.stage_weights()
 
@@ -167,10 +168,19 @@ class Model:
             self.req[name] = [k.request([ins[min(i, n_in - 1)]], [outs[min(i, n_out - 1)]]) for i in range(max(n_in, n_out))]
 
     def layer_param(self, layer: int, suffix: str) -> np.ndarray:
-        return self.params[f"model.layers.{layer}.{suffix}"]
+        return self._layer_params[layer][suffix]
 
     def layer_grad(self, layer: int, suffix: str) -> np.ndarray:
-        return self.grads[f"model.layers.{layer}.{suffix}"]
+        return self._layer_grads[layer][suffix]
+
+    def _index_layers(self) -> None:
+        """Per-layer views of the parameter and gradient dicts keyed by name suffix: the step looks
+        them up dozens of times per layer, and formatting full names each time showed up."""
+        self._layer_params, self._layer_grads = [], []
+        for layer in range(self.cfg.n_layers):
+            pre = f"model.layers.{layer}."
+            self._layer_params.append({k[len(pre):]: v for k, v in self.params.items() if k.startswith(pre)})
+            self._layer_grads.append({k[len(pre):]: v for k, v in self.grads.items() if k.startswith(pre)})
 
     def stage_weights(self) -> None:
         """Write every layer's weights into its kernel inputs (after init and each optimizer step)."""
@@ -325,7 +335,7 @@ class Model:
     def _backward_layer(self, layer: int, s: _Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
         """dy = dL/d(layer output) -> dL/d(layer input); queues this layer's dW sgemms."""
         cfg, T = self.cfg, self.timer
-        g = lambda suffix: self.layer_grad(layer, suffix)  # noqa: E731
+        g = self._layer_grads[layer].__getitem__
 
         # FFN: x_next = x2 + α·W2·(silu(W1·x2n) ⊙ W3·x2n)
         df = dy * alpha if alpha != 1 else dy
