@@ -296,6 +296,13 @@ def load(path: str | os.PathLike, expected: ModelConfig | None = None, *,
                       optimizer_meta=opt_m, trainer_state=state)
 
 
+def trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` without reading any tensors ({} when the directory
+    has none, e.g. a plain HF folder, or does not exist: ``load`` then names the problem)."""
+    p = Path(path) / STATE_FILE
+    return _read_json(p) if p.is_file() else {}
+
+
 # ---- directory management -------------------------------------------------------------------
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -95,21 +95,20 @@ class StepStats:
 
 
 def make_backend(name: str = "auto", precision: str = "fp16"):
-    """A backend for training: ``sim`` in fp32 uses fp32 buffers too (exact math end to end)."""
+    """A backend for training. ``precision`` is a simulator setting: "fp32" runs the kernels
+    rendered in fp32 (exact math); the ANE always computes in fp16."""
     from rustane import backends
 
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
-    if name in ("sim", "auto") and precision == "fp32":
-        if name == "auto" and backends.available().get("ane") == "":
+    if precision == "fp32":
+        if name == "ane" or (name == "auto" and backends.available().get("ane") == ""):
             raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
                              "(use --backend sim for fp32)")
-        return backends.get("sim", precision="fp32")
-    if name == "sim":
-        return backends.get("sim", precision="fp16")
-    if name == "ane" and precision == "fp32":
-        raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16")
-    return backends.get(name, precision=precision) if name == "auto" else backends.get(name)
+        name = "sim"
+    if name in ("ane", "null"):
+        return backends.get(name)
+    return backends.get(name, precision=precision)
 
 
 def kernel_flops_per_sequence(cfg: ModelConfig) -> float:

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if resume is not None:
             expected = preset(args.preset) if args.preset else None
-            ck_state = checkpoint.load(resume, expected, load_optimizer=False).trainer_state
+            ck_state = checkpoint.trainer_state(resume)  # the tensors are read once, by from_checkpoint
             saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
             tc = _train_config(args, saved)
             eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
