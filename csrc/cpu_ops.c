@@ -4,8 +4,10 @@
  * Reductions over channels therefore keep one accumulator per position in an [S] row and walk
  * the matrix row by row (contiguous), instead of walking each strided column. */
 #include "cpu_ops.h"
+#include "fastmath.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -85,68 +87,11 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
     return 0;
 }
 
-/* exp(x) for x <= 0 without calls or branches, so the CE loop over positions vectorises
- * (libm expf is a scalar call: 8M of them dominated CE at V = 32000).
- * x = n*ln2 + r with n = round(x/ln2), |r| <= ln2/2; exp(r) by its degree-7 Taylor polynomial
- * (truncation < 5e-9 relative, so fp32 rounding in Horner, ~1 ulp, dominates); 2^n is built in
- * the exponent bits. ln2 is split in two (Cody-Waite): n*LN2_HI is exact in fp32 for |n| < 2^15,
- * which keeps r accurate without FMA.
- * Out-of-range inputs are masked with integer compares on the bits: gcc will not if-convert a
- * float compare under the default -ftrapping-math, and the branch would stop vectorisation.
- * Finite x < -87.33 and -inf give 0 (expf would give a subnormal; it only feeds sums >= 1 here);
- * NaN propagates through r, so the CE loss stays NaN for NaN or +inf logits. Valid for x <= 88. */
-static inline float exp_nonpos(float x)
-{
-    const float LOG2E = 1.44269504088896341f;
-    const float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
-    /* 1.5 * 2^23: adding it rounds to an integer (to nearest even) held in the low mantissa bits. */
-    const float ROUNDER = 12582912.0f;
-    const uint32_t ROUNDER_BITS = 0x4B400000u;
-    const uint32_t CUT_BITS = 0xC2AEA8F6u;    /* -87.33f: above it n >= -126, 2^n is normal */
-    const uint32_t NEG_INF_BITS = 0xFF800000u; /* larger bit patterns are negative NaNs */
-    const float t = x * LOG2E + ROUNDER;
-    const float n = t - ROUNDER;
-    uint32_t tb, xb;
-    memcpy(&tb, &t, sizeof tb);
-    memcpy(&xb, &x, sizeof xb);
-    /* The low mantissa bits of t hold 2^22 + n, so tb - ROUNDER_BITS = n (mod 2^32); adding the
-     * bias and shifting builds 2^n with a clear mantissa. */
-    const uint32_t sbits = (tb - ROUNDER_BITS + 127u) << 23;
-    float scale;
-    memcpy(&scale, &sbits, sizeof scale);
-    const float r = (x - n * LN2_HI) - n * LN2_LO;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const float e = p * scale;
-    /* Sign-magnitude bits: for negative x, a larger pattern is a more negative value. */
-    const uint32_t underflow = (uint32_t)(xb > CUT_BITS) & (uint32_t)(xb <= NEG_INF_BITS);
-    uint32_t eb;
-    memcpy(&eb, &e, sizeof eb);
-    eb &= underflow - 1u; /* all ones keeps e, zero gives +0 */
-    float out;
-    memcpy(&out, &eb, sizeof out);
-    return out;
-}
-
 /* CE blocking: a block of CE_ROWS rows x CE_COLS positions (<= 128 KB, fits L2) stays in cache
  * from its max to its exp pass, so the logits stream from memory once for max, exp and sum, and
  * once more to normalise (32 rows measured 8% slower at V = 32000, S = 256). */
 enum { CE_ROWS = 64, CE_COLS = 512 };
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-/* The exp loop is compute-bound: an AVX2 clone (picked at load time by a glibc ifunc) runs it
- * 8 wide instead of SSE2's 4. ISO C mode (-std=c11) keeps -ffp-contract=off, so both clones
- * round identically (no FMA contraction in either). */
-#define RN_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RN_SIMD_CLONES
-#endif
 
 RN_SIMD_CLONES
 double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
@@ -261,15 +206,17 @@ void rn_embedding_bwd(const float *dx, const int32_t *tokens, float *dE, int D, 
     }
 }
 
-void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
-                   float lr, float beta1, float beta2, float eps, float weight_decay,
-                   float grad_scale, int64_t t)
+/* Both loops below vectorise only with -fno-math-errno (meson.build): otherwise sqrtf keeps a
+ * scalar call for errno on negative input, which v >= 0 never is. */
+static void adamw_range(float *w, float *grad, float *m, float *v, size_t n, const struct rn_adamw_hyper *h,
+                        float weight_decay, int zero_grad)
 {
-    const double bc1 = 1.0 - pow((double)beta1, (double)t);
-    const double bc2 = 1.0 - pow((double)beta2, (double)t);
-    const float step = (float)(lr / bc1);
+    const double bc1 = 1.0 - pow((double)h->beta1, (double)h->t);
+    const double bc2 = 1.0 - pow((double)h->beta2, (double)h->t);
+    const float step = (float)(h->lr / bc1);
     const float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
-    const float decay = 1.0f - lr * weight_decay;
+    const float decay = 1.0f - h->lr * weight_decay;
+    const float beta1 = h->beta1, beta2 = h->beta2, eps = h->eps, grad_scale = h->grad_scale;
     const float omb1 = 1.0f - beta1, omb2 = 1.0f - beta2;
     for (size_t i = 0; i < n; i++) {
         const float g = grad[i] * grad_scale;
@@ -279,11 +226,89 @@ void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
         v[i] = vi;
         w[i] = w[i] * decay - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps);
     }
+    if (zero_grad) memset(grad, 0, n * sizeof *grad);
 }
 
-double rn_sumsq(const float *x, size_t n)
+void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
+                   float lr, float beta1, float beta2, float eps, float weight_decay,
+                   float grad_scale, int64_t t)
 {
-    /* Four partial sums: breaks the add dependency chain and halves rounding growth. */
+    const struct rn_adamw_hyper h = {lr, beta1, beta2, eps, grad_scale, t};
+    adamw_range(w, (float *)grad, m, v, n, &h, weight_decay, 0);
+}
+
+/* ---- many tensors on several threads ---------------------------------------------------------
+ * The element range [0, total) over all tensors in order is cut into `threads` equal parts; the
+ * caller's thread runs part 0 and one pthread each runs the rest. Every element gets the same
+ * arithmetic whichever thread runs it, so results do not depend on the thread count. */
+
+struct adamw_part {
+    const struct rn_adamw_tensor *ts;
+    int count, zero_grad;
+    size_t lo, hi; /* global element range */
+    const struct rn_adamw_hyper *h;
+};
+
+static void *adamw_part_run(void *arg)
+{
+    const struct adamw_part *p = arg;
+    size_t base = 0;
+    for (int k = 0; k < p->count && base < p->hi; k++) {
+        const struct rn_adamw_tensor *T = &p->ts[k];
+        const size_t a = p->lo > base ? p->lo - base : 0;
+        const size_t b = p->hi - base < T->n ? p->hi - base : T->n;
+        if (a < b)
+            adamw_range(T->w + a, T->grad + a, T->m + a, T->v + a, b - a, p->h, T->weight_decay, p->zero_grad);
+        base += T->n;
+    }
+    return NULL;
+}
+
+enum { MAX_THREADS = 16 };
+
+/* Runs fn over parts[0..n): parts 1.. on new threads, part 0 here; a thread that cannot be
+ * started runs its part here too, so the work is always done. */
+static void run_parts(void *(*fn)(void *), void *parts, size_t part_size, int n)
+{
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 1; i < n; i++)
+        started[i] = pthread_create(&tid[i], NULL, fn, (char *)parts + (size_t)i * part_size) == 0;
+    fn(parts);
+    for (int i = 1; i < n; i++) {
+        if (started[i]) pthread_join(tid[i], NULL);
+        else fn((char *)parts + (size_t)i * part_size);
+    }
+}
+
+static int clamp_threads(int threads, size_t total, size_t min_per_thread)
+{
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const size_t useful = total / min_per_thread;
+    if ((size_t)threads > useful) threads = useful > 0 ? (int)useful : 1;
+    return threads;
+}
+
+/* Below this many elements per thread, starting a thread costs more than it saves. */
+enum { MIN_ELEMS_PER_THREAD = 1 << 17 };
+
+void rn_adamw_tensors(const struct rn_adamw_tensor *ts, int count, const struct rn_adamw_hyper *h,
+                      int zero_grad, int threads)
+{
+    size_t total = 0;
+    for (int k = 0; k < count; k++) total += ts[k].n;
+    const int nt = clamp_threads(threads, total, MIN_ELEMS_PER_THREAD);
+    struct adamw_part parts[MAX_THREADS];
+    for (int i = 0; i < nt; i++) {
+        parts[i] = (struct adamw_part){ts, count, zero_grad, total * i / nt, total * (i + 1) / nt, h};
+    }
+    run_parts(adamw_part_run, parts, sizeof parts[0], nt);
+}
+
+/* Sum of squares of one chunk in double, four partial sums (breaks the add dependency chain). */
+static double sumsq_chunk(const float *x, size_t n)
+{
     double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
     size_t i = 0;
     for (; i + 4 <= n; i += 4) {
@@ -294,4 +319,61 @@ double rn_sumsq(const float *x, size_t n)
     }
     for (; i < n; i++) a0 += (double)x[i] * x[i];
     return (a0 + a1) + (a2 + a3);
+}
+
+/* Every tensor is cut into SUMSQ_CHUNK-element chunks; each chunk's sum goes to its own slot and
+ * the slots are added in order at the end, so the result is the same for any thread count. */
+enum { SUMSQ_CHUNK = 1 << 16 };
+
+double rn_sumsq(const float *x, size_t n)
+{
+    double s = 0.0; /* the chunk order of rn_sumsq_tensors, so one tensor gives the same value */
+    for (size_t off = 0; off < n; off += SUMSQ_CHUNK)
+        s += sumsq_chunk(x + off, n - off < SUMSQ_CHUNK ? n - off : SUMSQ_CHUNK);
+    return s;
+}
+
+struct sumsq_part {
+    const float *const *xs;
+    const size_t *ns;
+    int count;
+    size_t lo, hi; /* global chunk range */
+    double *slots;
+};
+
+static void *sumsq_part_run(void *arg)
+{
+    const struct sumsq_part *p = arg;
+    size_t chunk = 0;
+    for (int k = 0; k < p->count && chunk < p->hi; k++) {
+        const size_t nchunks = (p->ns[k] + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+        for (size_t c = 0; c < nchunks; c++, chunk++) {
+            if (chunk < p->lo || chunk >= p->hi) continue;
+            const size_t off = c * SUMSQ_CHUNK;
+            const size_t len = p->ns[k] - off < SUMSQ_CHUNK ? p->ns[k] - off : SUMSQ_CHUNK;
+            p->slots[chunk] = sumsq_chunk(p->xs[k] + off, len);
+        }
+    }
+    return NULL;
+}
+
+double rn_sumsq_tensors(const float *const *xs, const size_t *ns, int count, int threads)
+{
+    size_t nchunks = 0, total = 0;
+    for (int k = 0; k < count; k++) {
+        nchunks += (ns[k] + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+        total += ns[k];
+    }
+    if (nchunks == 0) return 0.0;
+    double *slots = malloc(nchunks * sizeof *slots);
+    if (!slots) return NAN;
+    const int nt = clamp_threads(threads, total, MIN_ELEMS_PER_THREAD);
+    struct sumsq_part parts[MAX_THREADS];
+    for (int i = 0; i < nt; i++)
+        parts[i] = (struct sumsq_part){xs, ns, count, nchunks * i / nt, nchunks * (i + 1) / nt, slots};
+    run_parts(sumsq_part_run, parts, sizeof parts[0], nt);
+    double s = 0.0;
+    for (size_t c = 0; c < nchunks; c++) s += slots[c];
+    free(slots);
+    return s;
 }

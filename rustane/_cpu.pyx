@@ -8,6 +8,7 @@ shape, writability) with an error naming the argument, then runs the C code with
 import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
@@ -26,6 +27,27 @@ cdef extern from "cpu_ops.h":
                        float lr, float beta1, float beta2, float eps, float weight_decay,
                        float grad_scale, int64_t t) nogil
     double rn_sumsq(const float *x, size_t n) nogil
+    struct rn_adamw_hyper:
+        float lr, beta1, beta2, eps, grad_scale
+        int64_t t
+    struct rn_adamw_tensor:
+        float *w
+        float *grad
+        float *m
+        float *v
+        size_t n
+        float weight_decay
+    void rn_adamw_tensors(const rn_adamw_tensor *ts, int count, const rn_adamw_hyper *h,
+                          int zero_grad, int threads) nogil
+    double rn_sumsq_tensors(const float *const *xs, const size_t *ns, int count, int threads) nogil
+
+cdef extern from "sim_ops.h":
+    void rn_sigmoid_f32(const float *x, Py_ssize_t x_row, float *out, Py_ssize_t out_row,
+                        size_t rows, size_t n) nogil
+    void rn_silu_f32(const float *x, Py_ssize_t x_row, float *out, Py_ssize_t out_row,
+                     size_t rows, size_t n) nogil
+    void rn_softmax_rows_f32(const float *x, Py_ssize_t x_row, float *out, Py_ssize_t out_row,
+                             size_t rows, size_t n) nogil
 
 _INT_MAX = 2**31 - 1
 
@@ -207,3 +229,115 @@ def sumsq(x):
     with nogil:
         r = rn_sumsq(pX, n)
     return r
+
+
+def adamw_tensors(list ws, list grads, list ms, list vs, list weight_decays, float lr, float beta1,
+                  float beta2, float eps, float grad_scale, long long step, bint zero_grad, int threads):
+    """rn_adamw_step over many tensors at once, split over ``threads`` threads; with
+    ``zero_grad`` every gradient is zeroed after it is read."""
+    if step < 1:
+        raise ValueError(f"adamw_tensors: step is 1-based (bias correction), got {step}")
+    cdef Py_ssize_t count = len(ws), k
+    if not (len(grads) == len(ms) == len(vs) == len(weight_decays) == count):
+        raise ValueError(f"adamw_tensors: need as many grads, m, v and weight decays as weights "
+                         f"({count}), got {len(grads)}, {len(ms)}, {len(vs)}, {len(weight_decays)}")
+    if count > _INT_MAX:
+        raise ValueError("adamw_tensors: too many tensors")
+    cdef cnp.ndarray W, G, M, VV
+    keep = []  # the validated arrays stay referenced while C holds their pointers
+    cdef rn_adamw_tensor *ts = <rn_adamw_tensor*>malloc(max(count, 1) * sizeof(rn_adamw_tensor))
+    if ts == NULL:
+        raise MemoryError("adamw_tensors: out of memory")
+    cdef rn_adamw_hyper h
+    try:
+        for k in range(count):
+            W = _arr(ws[k], f"w[{k}]", np.float32, (None,) * np.ndim(ws[k]), True)
+            shape = tuple(W.shape[i] for i in range(W.ndim))
+            G = _arr(grads[k], f"grad[{k}]", np.float32, shape, zero_grad)
+            M = _arr(ms[k], f"m[{k}]", np.float32, shape, True)
+            VV = _arr(vs[k], f"v[{k}]", np.float32, shape, True)
+            keep.append((W, G, M, VV))
+            ts[k].w, ts[k].grad, ts[k].m, ts[k].v = _f(W), _f(G), _f(M), _f(VV)
+            ts[k].n = W.size
+            ts[k].weight_decay = weight_decays[k]
+        h.lr, h.beta1, h.beta2, h.eps, h.grad_scale, h.t = lr, beta1, beta2, eps, grad_scale, step
+        with nogil:
+            rn_adamw_tensors(ts, <int>count, &h, zero_grad, threads)
+    finally:
+        free(ts)
+
+
+def sumsq_tensors(list xs, int threads):
+    """Σ over arrays of Σx² in double (fixed chunk order: the same value for any thread count)."""
+    cdef Py_ssize_t count = len(xs), k
+    cdef cnp.ndarray X
+    keep = []
+    cdef const float **ps = <const float**>malloc(max(count, 1) * sizeof(float*))
+    cdef size_t *ns = <size_t*>malloc(max(count, 1) * sizeof(size_t))
+    cdef double r
+    try:
+        if ps == NULL or ns == NULL:
+            raise MemoryError("sumsq_tensors: out of memory")
+        for k in range(count):
+            X = _arr(xs[k], f"x[{k}]", np.float32, (None,) * np.ndim(xs[k]))
+            keep.append(X)
+            ps[k] = _f(X)
+            ns[k] = X.size
+        with nogil:
+            r = rn_sumsq_tensors(ps, ns, <int>count, threads)
+    finally:
+        free(ps)
+        free(ns)
+    if r != r and count:
+        if any(not np.isfinite(x).all() for x in keep):
+            return float("nan")
+        raise MemoryError("sumsq_tensors: out of memory for the chunk sums")
+    return r
+
+
+cdef Py_ssize_t _row_stride(object a, str name) except -1:
+    """Row stride in elements of a 2-D fp32 array whose rows are contiguous."""
+    if a.dtype != np.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {a.dtype.name}")
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D [rows, n] array, got shape {a.shape}")
+    if a.strides[1] != 4 and a.shape[1] > 1:
+        raise ValueError(f"{name}: rows must be contiguous (last-axis stride 4 bytes), got strides {a.strides}")
+    if a.strides[0] % 4:
+        raise ValueError(f"{name}: row stride {a.strides[0]} is not a whole number of floats")
+    return a.strides[0] // 4
+
+
+ctypedef void (*rows_fn)(const float *, Py_ssize_t, float *, Py_ssize_t, size_t, size_t) nogil
+
+
+cdef _rows_op(rows_fn fn, x, out):
+    if not isinstance(x, np.ndarray) or not isinstance(out, np.ndarray):
+        raise TypeError("x and out must be numpy arrays")
+    cdef Py_ssize_t xs = _row_stride(x, "x"), os_ = _row_stride(out, "out")
+    cdef cnp.ndarray X = <cnp.ndarray>x
+    cdef cnp.ndarray O = <cnp.ndarray>out
+    if x.shape != out.shape:
+        raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
+    if not O.flags.writeable:
+        raise ValueError("out: output array is read-only")
+    cdef size_t rows = X.shape[0], n = X.shape[1]
+    cdef const float* pX = <const float*>cnp.PyArray_DATA(X)
+    cdef float* pO = _f(O)
+    with nogil:
+        fn(pX, xs, pO, os_, rows, n)
+
+
+def sigmoid_rows(x, out):
+    """out = sigmoid(x) on 2-D fp32 arrays [rows, n] with contiguous rows (out may be x)."""
+    _rows_op(rn_sigmoid_f32, x, out)
+
+
+def silu_rows(x, out):
+    """out = x * sigmoid(x) on 2-D fp32 arrays [rows, n] with contiguous rows (out may be x)."""
+    _rows_op(rn_silu_f32, x, out)
+
+
+def softmax_rows(x, out):
+    """Softmax of each row of 2-D fp32 arrays [rows, n] with contiguous rows (out may be x)."""
+    _rows_op(rn_softmax_rows_f32, x, out)

@@ -21,6 +21,7 @@ The math (verified against finite differences and PyTorch autograd in tests/test
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -43,8 +44,15 @@ __all__ = [
     "embedding_forward",
     "embedding_backward",
     "adamw_step",
+    "adamw_tensors",
     "sumsq",
+    "sumsq_tensors",
     "global_norm",
+    "optimizer_threads",
+    "sigmoid",
+    "silu",
+    "softmax_last",
+    "rows_view",
 ]
 
 
@@ -135,6 +143,83 @@ def adamw_step(w: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, *,
                     float(weight_decay), float(grad_scale), int(step))
 
 
+def optimizer_threads() -> int:
+    """Threads for the memory-bound optimizer passes: the CPUs this process may use, at most 4
+    (more do not add memory bandwidth on the machines measured); ``RUSTANE_OPT_THREADS`` overrides."""
+    env = os.environ.get("RUSTANE_OPT_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"RUSTANE_OPT_THREADS must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"RUSTANE_OPT_THREADS must be a positive integer, got {env!r}")
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def adamw_tensors(ws, grads, ms, vs, weight_decays, *, lr: float, step: int, beta1: float = 0.9,
+                  beta2: float = 0.95, eps: float = 1e-8, grad_scale: float = 1.0,
+                  zero_grad: bool = False, threads: int | None = None) -> None:
+    """``adamw_step`` on every tensor of the lists at once, split over ``threads`` threads
+    (default ``optimizer_threads()``); with ``zero_grad`` each gradient is zeroed once read.
+    The result does not depend on the thread count."""
+    _cpu.adamw_tensors(list(ws), list(grads), list(ms), list(vs), [float(d) for d in weight_decays],
+                       float(lr), float(beta1), float(beta2), float(eps), float(grad_scale), int(step),
+                       bool(zero_grad), optimizer_threads() if threads is None else int(threads))
+
+
+def sumsq_tensors(arrays, threads: int | None = None) -> float:
+    """Σ over arrays of Σx² in double, on ``threads`` threads; the same value for any count."""
+    return float(_cpu.sumsq_tensors(list(arrays), optimizer_threads() if threads is None else int(threads)))
+
+
+def rows_view(a: np.ndarray) -> np.ndarray | None:
+    """``a`` as a 2-D ``[rows, last axis]`` view without copying, or None when its layout does
+    not allow one (the C row ops need contiguous rows at one fixed stride; slices of a wider
+    buffer along the last axis qualify)."""
+    if a.ndim == 0 or a.dtype != np.float32:
+        return None
+    n = a.shape[-1]
+    v = a.view()
+    try:
+        v.shape = (-1, n) if n else (a.size, 0)
+    except AttributeError:  # numpy: would need a copy
+        return None
+    if n > 1 and v.strides[1] != 4:
+        return None
+    return v
+
+
+def _rows_call(fn, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    out = _empty(np.shape(x)) if out is None else out
+    xv, ov = rows_view(np.asarray(x)), rows_view(out)
+    if xv is None or ov is None or np.shape(x) != out.shape:
+        raise ValueError(f"expected fp32 arrays of one shape whose last axis is contiguous, got x "
+                         f"{np.asarray(x).dtype} {np.shape(x)} and out {out.dtype} {out.shape}")
+    fn(xv, ov)
+    return out
+
+
+def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 sigmoid in one pass (the simulator's op; ``out`` may be ``x``)."""
+    return _rows_call(_cpu.sigmoid_rows, x, out)
+
+
+def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 ``x·sigmoid(x)`` in one pass (``out`` may be ``x``)."""
+    return _rows_call(_cpu.silu_rows, x, out)
+
+
+def softmax_last(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """fp32 softmax over the last axis (``out`` may be ``x``)."""
+    return _rows_call(_cpu.softmax_rows, x, out)
+
+
 def sumsq(x: np.ndarray) -> float:
     """Σx² in double precision; inf or NaN exactly when ``x`` holds inf or NaN."""
     return float(_cpu.sumsq(x))
@@ -142,7 +227,5 @@ def sumsq(x: np.ndarray) -> float:
 
 def global_norm(arrays) -> float:
     """L2 norm over several arrays (``inf``/``nan`` if any element is non-finite)."""
-    total = 0.0
-    for a in arrays:
-        total += _cpu.sumsq(a)
+    total = sumsq_tensors(arrays)
     return math.sqrt(total) if math.isfinite(total) else total

@@ -193,10 +193,12 @@ class Engine:
         grads = m.finish_gradients()
         t0 = time.perf_counter()
         lr = self.schedule(self.step)
-        info = apply_update(self.optimizer, grads, self.scaler, lr, max_norm=self.train_config.clip, accum=len(x))
-        m.zero_grads()
+        info = apply_update(self.optimizer, grads, self.scaler, lr, max_norm=self.train_config.clip,
+                            accum=len(x), zero_grads=True)
         if info.applied:
             m.stage_weights()
+        else:
+            m.zero_grads()
         timer.seconds["optimizer"] += time.perf_counter() - t0
         self.step += 1
         seconds = time.perf_counter() - t_start

@@ -88,18 +88,21 @@ class AdamW:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.t = 0  # optimizer steps taken
 
-    def step(self, grads: Mapping[str, np.ndarray], lr: float, grad_scale: float = 1.0) -> None:
-        """One update of every parameter; ``grads`` holds (possibly scaled) gradients."""
+    def step(self, grads: Mapping[str, np.ndarray], lr: float, grad_scale: float = 1.0, *,
+             zero_grads: bool = False) -> None:
+        """One update of every parameter; ``grads`` holds (possibly scaled) gradients, zeroed
+        as they are read with ``zero_grads`` (saves the next accumulation a pass over them)."""
         from rustane import cpu_ops
         missing = [k for k in self.params if k not in grads]
         if missing:
             raise KeyError(f"AdamW.step: no gradient for {missing[:5]}")
         self.t += 1
-        for k, w in self.params.items():
-            wd = 0.0 if is_no_decay(k) else self.weight_decay
-            cpu_ops.adamw_step(w, grads[k], self.m[k], self.v[k], lr=lr, step=self.t,
-                               beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                               weight_decay=wd, grad_scale=grad_scale)
+        names = list(self.params)
+        cpu_ops.adamw_tensors([self.params[k] for k in names], [grads[k] for k in names],
+                              [self.m[k] for k in names], [self.v[k] for k in names],
+                              [0.0 if is_no_decay(k) else self.weight_decay for k in names],
+                              lr=lr, step=self.t, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                              grad_scale=grad_scale, zero_grad=zero_grads)
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Moments for optimizer.safetensors: ``m.<name>`` and ``v.<name>``."""
@@ -236,19 +239,20 @@ class UpdateInfo:
 
 
 def apply_update(opt: AdamW, grads: Mapping[str, np.ndarray], scaler, lr: float, *,
-                 max_norm: float | None = 1.0, accum: int = 1) -> UpdateInfo:
+                 max_norm: float | None = 1.0, accum: int = 1, zero_grads: bool = False) -> UpdateInfo:
     """Overflow check, unscale, clip and AdamW in one pass over the gradients (see module doc).
 
-    ``grads`` hold the sum over ``accum`` micro-batches of gradients of ``loss·scale``.
+    ``grads`` hold the sum over ``accum`` micro-batches of gradients of ``loss·scale``. With
+    ``zero_grads`` an applied update leaves them zero; a skipped one leaves them untouched.
     """
     from rustane import cpu_ops
     scale = scaler.scale
-    sq = sum(cpu_ops.sumsq(g) for g in grads.values())
+    sq = cpu_ops.sumsq_tensors(grads.values())
     overflow = not math.isfinite(sq)
     denom = scale * accum
     norm = math.sqrt(sq) / denom if not overflow else sq
     if not scaler.update(overflow):
         return UpdateInfo(False, norm, 1.0, lr, scale)
     clip = clip_coefficient(norm, max_norm)
-    opt.step(grads, lr, grad_scale=clip / denom)
+    opt.step(grads, lr, grad_scale=clip / denom, zero_grads=zero_grads)
     return UpdateInfo(True, norm, clip, lr, scale)

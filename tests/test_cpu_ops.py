@@ -374,3 +374,160 @@ def test_sumsq_and_nonfinite():
     arrs = [x, x[:10].copy().reshape(2, 5)]
     assert cpu.global_norm(arrs) == pytest.approx(
         math.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrs)), rel=1e-12)
+
+
+# ---- many tensors, several threads ----
+
+def _adam_set(sizes, seed):
+    r = np.random.default_rng(seed)
+    mk = lambda n: r.standard_normal(n).astype(np.float32)  # noqa: E731
+    return ([mk(n) for n in sizes], [mk(n) * 1e-2 for n in sizes],
+            [mk(n) * 1e-3 for n in sizes], [np.abs(mk(n)) * 1e-5 for n in sizes])
+
+
+# sizes straddle the per-thread minimum (128K elements) so 2-4 threads really split, also
+# inside one tensor, and tiny tensors sit at part boundaries
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_adamw_tensors_equals_per_tensor_steps(threads):
+    sizes = [300_001, 7, 1, 200_000, 0, 65_537]
+    wds = [0.1, 0.0, 0.1, 0.05, 0.1, 0.0]
+    ws, gs, ms, vs = _adam_set(sizes, 5)
+    ref = [[a.copy() for a in grp] for grp in (ws, gs, ms, vs)]
+    for k in range(len(sizes)):  # the single-tensor kernel, one tensor at a time
+        cpu.adamw_step(ref[0][k], ref[1][k], ref[2][k], ref[3][k], lr=2e-3, step=7, weight_decay=wds[k],
+                       grad_scale=0.25)
+    g_before = [g.copy() for g in gs]
+    cpu.adamw_tensors(ws, gs, ms, vs, wds, lr=2e-3, step=7, grad_scale=0.25, threads=threads)
+    for got, want in zip((ws, ms, vs), (ref[0], ref[2], ref[3])):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)  # same arithmetic per element, any split
+    for g, g0 in zip(gs, g_before):
+        np.testing.assert_array_equal(g, g0)  # read only without zero_grad
+    cpu.adamw_tensors(ws, gs, ms, vs, wds, lr=2e-3, step=8, zero_grad=True, threads=threads)
+    assert all(not g.any() for g in gs)
+
+
+def test_adamw_tensors_errors():
+    z = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="as many grads"):
+        cpu.adamw_tensors([z], [], [z], [z], [0.0], lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"m\[1\]: expected shape"):
+        cpu.adamw_tensors([z, z.copy()], [z.copy(), z.copy()], [z.copy(), np.zeros(2, np.float32)],
+                          [z.copy(), z.copy()], [0.0, 0.0], lr=1e-3, step=1)
+    ro = z.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"grad\[0\]: output array is read-only"):
+        cpu.adamw_tensors([z], [ro], [z.copy()], [z.copy()], [0.0], lr=1e-3, step=1, zero_grad=True)
+    cpu.adamw_tensors([z], [ro], [z.copy()], [z.copy()], [0.0], lr=1e-3, step=1)  # read-only is fine without
+    with pytest.raises(ValueError, match="1-based"):
+        cpu.adamw_tensors([z], [z], [z], [z], [0.0], lr=1e-3, step=0)
+
+
+def test_sumsq_tensors_any_thread_count_and_nonfinite():
+    r = np.random.default_rng(9)
+    arrs = [r.standard_normal(n).astype(np.float32) * 100 for n in (400_000, 3, 0, 131_073)]
+    exact = math.fsum(float(v) for a in arrs for v in (a.astype(np.float64) ** 2))
+    vals = {cpu.sumsq_tensors(arrs, threads=t) for t in (1, 2, 3, 4, 16)}
+    assert len(vals) == 1  # fixed chunk order: bit-identical whatever the thread count
+    assert vals.pop() == pytest.approx(exact, rel=1e-13)
+    assert cpu.sumsq_tensors([arrs[0]]) == cpu.sumsq(arrs[0])  # one tensor: the same chunk order
+    assert cpu.sumsq_tensors([]) == 0.0
+    for bad in (np.inf, np.nan):
+        b = [a.copy() for a in arrs]
+        b[3][131_072] = bad  # the last element of the last chunk
+        assert not math.isfinite(cpu.sumsq_tensors(b, threads=2))
+
+
+def test_optimizer_threads_env(monkeypatch):
+    monkeypatch.setenv("RUSTANE_OPT_THREADS", "3")
+    assert cpu.optimizer_threads() == 3
+    monkeypatch.setenv("RUSTANE_OPT_THREADS", "zero")
+    with pytest.raises(ValueError, match="RUSTANE_OPT_THREADS"):
+        cpu.optimizer_threads()
+    monkeypatch.delenv("RUSTANE_OPT_THREADS")
+    assert 1 <= cpu.optimizer_threads() <= 4
+
+
+# ---- the simulator's one-pass sigmoid / silu / softmax ----
+
+_SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 87.3, -87.3, 88.8, -88.8, 1e-45, -1e-45,
+                      3.4e38, -3.4e38, 1e-8, -1e-8, 17.0, -17.0], np.float32)
+
+
+def _sigmoid64(x):
+    x = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
+
+
+def _wide(n, seed):
+    r = np.random.default_rng(seed)
+    return np.concatenate([_SPECIALS, (r.standard_normal(n) * 30).astype(np.float32),
+                           np.linspace(-100, 100, n, dtype=np.float32)])
+
+
+def test_sigmoid_silu_vs_float64():
+    x = _wide(100_000, 1)
+    with np.errstate(invalid="ignore"):
+        ref = _sigmoid64(x)
+        ref_silu = ref * x.astype(np.float64)
+    got, got_silu = cpu.sigmoid(x), cpu.silu(x)
+    fin = np.isfinite(x)
+    # within 4 fp32 ulp wherever the true value is a normal fp32; exp flushes e^x < 2^-126 to 0
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=4 * 2.0 ** -24, atol=1.2e-38)
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(got_silu[fin], ref_silu[fin], rtol=5 * 2.0 ** -24,
+                                   atol=float(np.abs(x[fin]).max()) * 1.2e-38)  # the same flush, times x
+    assert got[x == np.inf] == 1 and got[x == -np.inf] == 0 and np.isnan(got[np.isnan(x)]).all()
+    assert np.isnan(got_silu[np.isnan(x)]).all() and got_silu[x == np.inf] == np.inf
+    assert got[x == 0][0] == 0.5 and (got[(x == 0)] == 0.5).all()
+
+
+def test_row_ops_in_place_and_on_strided_rows():
+    """The simulator hands in slices of wider buffers (contiguous rows at a larger stride) and
+    runs ops in place: both must give the contiguous, out-of-place result."""
+    r = np.random.default_rng(2)
+    wide = (r.standard_normal((40, 300)) * 8).astype(np.float32)
+    sl = wide[:, 17:17 + 256]  # rows of 256 at stride 300
+    assert cpu.rows_view(sl) is not None and cpu.rows_view(sl).strides == (1200, 4)
+    assert cpu.rows_view(sl.T) is None  # a transpose has no row view: callers fall back
+    for fn in (cpu.sigmoid, cpu.silu, cpu.softmax_last):
+        want = fn(np.ascontiguousarray(sl))
+        np.testing.assert_array_equal(fn(sl), want)
+        buf = wide.copy()
+        view = buf[:, 17:17 + 256]
+        fn(view, out=view)
+        np.testing.assert_array_equal(view, want)
+        np.testing.assert_array_equal(buf[:, :17], wide[:, :17])  # neighbours untouched
+        np.testing.assert_array_equal(buf[:, 273:], wide[:, 273:])
+    with pytest.raises(ValueError, match="last axis is contiguous"):
+        cpu.sigmoid(sl.T)
+    with pytest.raises(ValueError, match="last axis is contiguous"):
+        cpu.softmax_last(sl, out=np.empty((40, 255), np.float32))
+
+
+def _softmax64(a):
+    a = a.astype(np.float64)
+    e = np.exp(a - a.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (6, 256, 256), (2, 3, 1000), (5, 9)])
+def test_softmax_vs_float64(shape):
+    a = (np.random.default_rng(len(shape)).standard_normal(shape) * 6).astype(np.float32)
+    got = cpu.softmax_last(a)
+    ref = _softmax64(a)
+    # fp32 x - max costs up to |x - max|·2^-24 relative in the exponent; the rest is a few ulp
+    spread = float((a.max(axis=-1, keepdims=True) - a).max())
+    np.testing.assert_allclose(got, ref, rtol=(4 + spread) * 2.0 ** -24, atol=1e-38)
+    np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=1e-6)
+
+
+def test_softmax_nonfinite_rows():
+    a = np.array([[1, np.nan, 2], [np.inf, 1, 2], [-np.inf] * 3, [0, -np.inf, 0], [-1e30, 0, -1e30]],
+                 np.float32)
+    got = cpu.softmax_last(a)
+    with np.errstate(invalid="ignore"):
+        ref = _softmax64(a)  # numpy's NaN conventions: a NaN or +inf, or all -inf, poisons the row
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[3:], ref[3:], rtol=1e-7)

@@ -164,6 +164,7 @@ class Plan:
         self.output_names = tuple(r.name for r in fn.returns)
         self._pool: dict = {}  # scratch/intermediate arrays shared by all bindings
         self._default: tuple[dict, Runner] | None = None
+        self._materialize_cache: frozenset | None = None
 
     # -- info ---------------------------------------------------------------------------
     def input_info(self, name: str) -> ValueInfo:
@@ -193,19 +194,25 @@ class Plan:
         for name, info in self.values.items():
             if info.is_const and not isinstance(info.const, str):
                 arrays[name] = info.const
+        direct = self._direct_outputs(outputs)
         for idx, node in enumerate(self.nodes):
             ins = [arrays[n] for n in node.inputs]
             bctx = BindContext(self, idx, tuple(self.values[n].is_const for n in node.inputs))
             info = self.values[node.name]
             if node.kind == "view":
                 v = node.make(ins, bctx)
-                if v is None:  # e.g. reshape of a non-contiguous view: materialize it
+                if v is None or (node.name in self._materialize and not v.flags.c_contiguous):
+                    # a reshape of a non-contiguous view, or a transpose read by elementwise ops
+                    # or reshapes: one copy into memory order here, instead of strided reads in
+                    # every consumer (and a copy in each reshape of it)
                     out = self._pooled(("node", idx), info.shape, info.storage)
-                    steps.append(_copier(out.reshape(ins[0].shape), ins[0]))
+                    steps.append(_copier(out.reshape(ins[0].shape) if v is None else out, ins[0] if v is None else v))
                     v = out
                 arrays[node.name] = v
             else:
-                out = self._pooled(("node", idx), info.shape, info.storage)
+                out = direct.get(node.name)
+                if out is None:
+                    out = self._pooled(("node", idx), info.shape, info.storage)
                 made = node.make(ins, out, bctx)
                 if isinstance(made, (list, tuple)):
                     steps.extend(made)
@@ -217,10 +224,42 @@ class Plan:
             info = self.values[name]
             if name not in outputs:
                 raise ValueError(f"missing output {name!r} ({type_str(info.dtype, info.shape)})")
+            if name in direct:
+                bound_out[name] = direct[name]
+                continue
             dst = _as_shape(outputs[name], info, "output")
             steps.append(_copier(dst, arrays[name]))
             bound_out[name] = dst
         return Runner(self, steps, bound_out)
+
+    def _direct_outputs(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs a compute node can write in place of its pooled array (saving the final copy):
+        computed (not a view, input or constant), and the bound array has the storage dtype."""
+        computed = {n.name for n in self.nodes if n.kind == "compute"}
+        direct = {}
+        for name in self.output_names:
+            info = self.values[name]
+            if name in computed and name in outputs:
+                dst = _as_shape(outputs[name], info, "output")
+                if dst.dtype == info.storage:
+                    direct[name] = dst
+        return direct
+
+    @property
+    def _materialize(self) -> frozenset:
+        """Transpose views worth copying once at run time: those read by anything but matmul
+        (BLAS takes a transposed operand for free; elementwise ops and reshapes do not)."""
+        if self._materialize_cache is None:
+            readers: dict[str, set] = {}
+            for n in self.nodes:
+                for i in n.inputs:
+                    readers.setdefault(i, set()).add(n.op)
+            for r in self.output_names:
+                readers.setdefault(r, set()).add("return")
+            self._materialize_cache = frozenset(
+                n.name for n in self.nodes
+                if n.kind == "view" and n.op == "transpose" and readers.get(n.name, set()) - {"matmul"})
+        return self._materialize_cache
 
     def _pooled(self, key, shape, dtype) -> np.ndarray:
         a = self._pool.get(key)

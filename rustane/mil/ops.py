@@ -331,9 +331,24 @@ def _unary(c: OpCompiler):
     return c.node([x], x.dtype, x.shape, lambda ins, out, b: partial(uf, ins[0], out=out, dtype=_cdt(out)))
 
 
-def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], dtype: str | None = None):
+def _native_rows(name: str, x32: np.ndarray, o32: np.ndarray) -> Callable | None:
+    """The one-pass C version (``rustane.cpu_ops``) of a composite fp32 op over the last axis,
+    bound to row views of ``x32``/``o32``, or None when their layout has no such view (then the
+    numpy composition runs). numpy spells sigmoid and softmax as 4-6 passes with temporaries:
+    they were a fifth of the simulator's fp32 training step."""
+    from rustane import _cpu, cpu_ops
+
+    xv, ov = cpu_ops.rows_view(x32), cpu_ops.rows_view(o32)
+    if xv is None or ov is None or xv.shape != ov.shape:
+        return None
+    return partial(getattr(_cpu, name), xv, ov)
+
+
+def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], dtype: str | None = None,
+                native: str | None = None):
     """A composite unary op: ``f32fn(x32, o32)`` computes in fp32 scratch ``o32`` (may clobber
-    x32 only if it is scratch), then one rounding copy into out when storage is not fp32."""
+    x32 only if it is scratch), then one rounding copy into out when storage is not fp32.
+    ``native`` names the ``rustane._cpu`` row function used instead where the layout allows."""
     x = c.tensor("x")
     c.need_float(x)
 
@@ -341,7 +356,8 @@ def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], 
         x32, refresh = _f32(ins[0], bctx, 0)
         o32 = out if out.dtype == F32 else bctx.scratch(out.shape, F32)
         steps = [refresh] if refresh else []
-        steps.append(partial(f32fn, x32, o32))
+        fast = _native_rows(native, x32, o32) if native else None
+        steps.append(fast or partial(f32fn, x32, o32))
         if o32 is not out:
             steps.append(partial(np.copyto, out, o32, casting="unsafe"))
         return steps
@@ -395,12 +411,12 @@ def erf32(x: np.ndarray) -> np.ndarray:
 
 @op("sigmoid")
 def _sigmoid(c):
-    return _fp32_unary(c, _sigmoid32_exact)
+    return _fp32_unary(c, _sigmoid32_exact, native="sigmoid_rows")
 
 
 @op("silu")
 def _silu(c):
-    return _fp32_unary(c, _silu32)
+    return _fp32_unary(c, _silu32, native="silu_rows")
 
 
 @op("relu")
@@ -592,6 +608,14 @@ def _softmax(c: OpCompiler):
     def make(ins, out, bctx):
         a = ins[0]
         s = out if out.dtype == F32 else bctx.scratch(out.shape, F32)
+        if ax == len(x.shape) - 1:
+            a32, refresh = _f32(a, bctx, 0)
+            fast = _native_rows("softmax_rows", a32, s)
+            if fast is not None:
+                steps = ([refresh] if refresh else []) + [fast]
+                if s is not out:
+                    steps.append(partial(np.copyto, out, s, casting="unsafe"))
+                return steps
         m = bctx.scratch(red, F32)
 
         def step(_a=a, _s=s, _m=m, _o=out, _ax=ax):
