@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rustane import cpu_ops, kernels, native
+from rustane import cpu_ops, cpu_threads, kernels, native
 from rustane.config import ModelConfig
 
 # kernel input block name -> HF parameter suffix (within model.layers.{i}.)
@@ -78,11 +78,45 @@ def _put(view: np.ndarray, src: np.ndarray, blk: kernels.Block) -> None:
         view[blk.c0:blk.c1, blk.col0:blk.col1] = src.T if blk.transpose else src
 
 
-def _get(view: np.ndarray, tap: kernels.Tap) -> np.ndarray:
-    """A new fp32 array holding one tap ``[c1-c0, S]`` of a locked output view."""
+def _get(view: np.ndarray, tap: kernels.Tap, out: np.ndarray | None = None) -> np.ndarray:
+    """One tap ``[c1-c0, S]`` of a locked output view as fp32, in ``out`` or a new array."""
     if view.dtype == np.float16:
-        return native.unstage(view, tap.c0, tap.c1 - tap.c0)
-    return np.array(view[tap.c0:tap.c1], dtype=np.float32)
+        return native.unstage(view, tap.c0, tap.c1 - tap.c0, out=out)
+    if out is None:
+        return np.array(view[tap.c0:tap.c1], dtype=np.float32)
+    np.copyto(out, view[tap.c0:tap.c1])
+    return out
+
+
+class _Workspace:
+    """The fp32 arrays of a training micro-step, kept and reused by later steps.
+
+    Fresh multi-megabyte arrays cost a page fault per 4 KB on first touch (glibc returns freed
+    ones to the OS): copying a [768, 256] tap took 430 us into fresh memory and 34 us into
+    reused memory, ~25 ms of the simulator's Stories15M step. The dW queue keeps references to
+    some of these arrays until it is waited on (before the optimizer), so micro-steps alternate
+    between two sets, and a micro-step about to reuse a set the queue may still read waits for
+    the queue first (with accum >= 3 only; by then it had a whole micro-step to drain)."""
+
+    def __init__(self):
+        self._sets: tuple[dict, dict] = ({}, {})
+        self._cur = self._sets[0]
+        self.micro = 0  # micro-steps since the queue was last drained
+
+    def next_micro_step(self) -> bool:
+        """Switch sets; True when the caller must drain the dW queue before writing."""
+        self._cur = self._sets[self.micro % 2]
+        self.micro += 1
+        return self.micro > 2
+
+    def drained(self) -> None:
+        self.micro = 0
+
+    def get(self, key, shape: tuple[int, ...]) -> np.ndarray:
+        a = self._cur.get(key)
+        if a is None or a.shape != shape:
+            a = self._cur[key] = np.empty(shape, dtype=np.float32)
+        return a
 
 
 class PhaseTimer:
@@ -137,6 +171,9 @@ class Model:
         # classifier's dE: with tied weights they accumulate apart and meet after the wait
         self._g_embed_in = np.zeros_like(self.params[self.embed_name]) if cfg.tie_embeddings else self.grads[self.embed_name]
         self.queue = native.DWQueue()
+        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False))
+        self._ws = _Workspace()
+        self._training = False  # forward_backward running: buffers come from the workspace
         self.timer = PhaseTimer()
         self._index_layers()
         self._compile()
@@ -195,6 +232,7 @@ class Model:
 
     def close(self) -> None:
         self.queue.wait()
+        self.threads.close()
         for k in self.kernels.values():
             k.close()
 
@@ -215,11 +253,19 @@ class Model:
                 _put(view, a, blocks[bname])
         self.timer.seconds["staging"] += time.perf_counter() - t0
 
+    def _buf(self, key, shape: tuple[int, ...]) -> np.ndarray:
+        """An fp32 output array: the workspace's while training, else a new one (forward-only
+        calls may run between micro-steps, whose arrays the dW queue may still read)."""
+        return self._ws.get(key, shape) if self._training else np.empty(shape, dtype=np.float32)
+
     def _read(self, name: str, layer: int, *taps: str) -> list[np.ndarray]:
+        """Taps of ``name``'s output for ``layer`` (shared buffers: the layer selects only the
+        workspace arrays, which the dW queue may hold per layer)."""
         tapd = self._taps[name]
+        S = self.cfg.seq_len
         t0 = time.perf_counter()
         with self.outb[name][min(layer, len(self.outb[name]) - 1)].lock(readonly=True) as view:
-            out = [_get(view, tapd[t]) for t in taps]
+            out = [_get(view, tapd[t], self._buf((name, t, layer), (tapd[t].c1 - tapd[t].c0, S))) for t in taps]
         self.timer.seconds["staging"] += time.perf_counter() - t0
         return out
 
@@ -260,18 +306,21 @@ class Model:
     def _forward_layers(self, tokens: np.ndarray, keep: bool) -> tuple[np.ndarray, list[_Saved]]:
         cfg, T = self.cfg, self.timer
         t0 = time.perf_counter()
-        x = cpu_ops.embedding_forward(self.params[self.embed_name], tokens)  # [D, S]
+        D, S = cfg.dim, cfg.seq_len
+        x = cpu_ops.embedding_forward(self.params[self.embed_name], tokens, out=self._buf("x0", (D, S)))  # [D, S]
         T.seconds["cpu"] += time.perf_counter() - t0
         saved: list[_Saved] = []
         for layer in range(cfg.n_layers):
             t0 = time.perf_counter()
-            xn, r1 = cpu_ops.rmsnorm_forward(x, self.layer_param(layer, "input_layernorm.weight"), cfg.norm_eps)
+            xn, r1 = cpu_ops.rmsnorm_forward(x, self.layer_param(layer, "input_layernorm.weight"), cfg.norm_eps,
+                                             out=self._buf(("xn", layer), (D, S)), rrms=self._buf(("r1", layer), (S,)))
             T.seconds["cpu"] += time.perf_counter() - t0
             self._stage("sdpaFwd", layer, xn=xn, x=x)
             self._eval("sdpaFwd", layer)
             (x2,) = self._read("sdpaFwd", layer, "x2")
             t0 = time.perf_counter()
-            x2n, r2 = cpu_ops.rmsnorm_forward(x2, self.layer_param(layer, "post_attention_layernorm.weight"), cfg.norm_eps)
+            x2n, r2 = cpu_ops.rmsnorm_forward(x2, self.layer_param(layer, "post_attention_layernorm.weight"), cfg.norm_eps,
+                                              out=self._buf(("x2n", layer), (D, S)), rrms=self._buf(("r2", layer), (S,)))
             T.seconds["cpu"] += time.perf_counter() - t0
             self._stage("ffnFused", layer, x2n=x2n, x2=x2)
             self._eval("ffnFused", layer)
@@ -307,21 +356,37 @@ class Model:
     def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
         """Forward and backward of one sequence; gradients of ``loss·loss_scale`` are ADDED to
         ``self.grads`` (dW sgemms may still be running on the queue). Returns the unscaled loss."""
-        cfg, T = self.cfg, self.timer
         tokens = self._check_tokens(tokens, "tokens")
         targets = self._check_tokens(targets, "targets")
+        if self._ws.next_micro_step():
+            t0 = time.perf_counter()
+            self.queue.wait()
+            self.timer.seconds["dw_wait"] += time.perf_counter() - t0
+        self._training = True
+        try:
+            with self.threads.step():
+                return self._forward_backward(tokens, targets, loss_scale)
+        finally:
+            self._training = False
+
+    def _forward_backward(self, tokens, targets, loss_scale: float) -> float:
+        cfg, T = self.cfg, self.timer
+        D, S, V = cfg.dim, cfg.seq_len, cfg.vocab_size
         alpha = np.float32(cfg.residual_alpha)
         x, saved = self._forward_layers(tokens, keep=True)
 
         # head: final norm, classifier, full-vocabulary cross-entropy (all CPU, fp32)
         t0 = time.perf_counter()
         w_head = self.params[self.head_name]
-        xf, rf = cpu_ops.rmsnorm_forward(x, self.params["model.norm.weight"], cfg.norm_eps)
-        logits = w_head @ xf  # [V, S]
+        xf, rf = cpu_ops.rmsnorm_forward(x, self.params["model.norm.weight"], cfg.norm_eps,
+                                         out=self._buf("xf", (D, S)), rrms=self._buf("rf", (S,)))
+        # [V, S]; no dW is queued yet in this micro-step, so the classifier may use every core
+        logits = self.threads.matmul_rows(w_head, xf, out=self._buf("logits", (V, S)))
         loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits)
         self._dw(self.grads[self.head_name], dlogits, xf)
-        dy = cpu_ops.rmsnorm_backward(w_head.T @ dlogits, x, self.params["model.norm.weight"], rf,
-                                      self.grads["model.norm.weight"])
+        dxf = np.matmul(w_head.T, dlogits, out=self._buf("dxf", (D, S)))
+        dy = cpu_ops.rmsnorm_backward(dxf, x, self.params["model.norm.weight"], rf,
+                                      self.grads["model.norm.weight"], dx=dxf)
         T.seconds["cpu"] += time.perf_counter() - t0
 
         for layer in reversed(range(cfg.n_layers)):
@@ -338,7 +403,7 @@ class Model:
         g = self._layer_grads[layer].__getitem__
 
         # FFN: x_next = x2 + α·W2·(silu(W1·x2n) ⊙ W3·x2n)
-        df = dy * alpha if alpha != 1 else dy
+        df = np.multiply(dy, alpha, out=self._buf(("df", layer), dy.shape)) if alpha != 1 else dy
         self._stage("ffnBwdW2t", layer, df=df)
         self._eval("ffnBwdW2t", layer)
         self._copy("ffnBwdW13t", layer, (("ffnBwdW2t", 0, "dgate", "dgate"),
@@ -346,7 +411,7 @@ class Model:
         (gate,) = self._read("ffnFused", layer, "gate")
         self._dw(g(_WEIGHT_OF["w2"]), df, gate)
         self._eval("ffnBwdW13t", layer)
-        dx2n, dh1, dh3 = self._read("ffnBwdW13t", 0, "dx2n", "dh1", "dh3")
+        dx2n, dh1, dh3 = self._read("ffnBwdW13t", layer, "dx2n", "dh1", "dh3")
         self._dw(g(_WEIGHT_OF["w1"]), dh1, s.x2n)
         self._dw(g(_WEIGHT_OF["w3"]), dh3, s.x2n)
         t0 = time.perf_counter()
@@ -356,7 +421,8 @@ class Model:
         T.seconds["cpu"] += time.perf_counter() - t0
 
         # attention: x2 = x + α·Wo·attn(rope(Wq·xn), rope(Wk·xn), Wv·xn)
-        dx2s = dx2 * alpha if alpha != 1 else dx2  # nothing writes dx2 after this point
+        # nothing writes dx2 after this point
+        dx2s = np.multiply(dx2, alpha, out=self._buf(("dx2s", layer), dx2.shape)) if alpha != 1 else dx2
         self._stage("wotBwd", layer, dx2s=dx2s)
         self._eval("wotBwd", layer)
         (attn,) = self._read("sdpaFwd", layer, "attn")
@@ -367,8 +433,8 @@ class Model:
         self._copy("sdpaBwd2", 0, (("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
                                    ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")))
         self._eval("sdpaBwd2", layer)
-        (dv,) = self._read("sdpaBwd1", 0, "dv")
-        dq_r, dk_r = self._read("sdpaBwd2", 0, "dq_rope", "dk_rope")
+        (dv,) = self._read("sdpaBwd1", layer, "dv")
+        dq_r, dk_r = self._read("sdpaBwd2", layer, "dq_rope", "dk_rope")
         t0 = time.perf_counter()
         dq = cpu_ops.rope_backward(dq_r, cfg.n_heads, cfg.head_dim, cfg.rope_theta, out=dq_r)
         dk = cpu_ops.rope_backward(dk_r, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, out=dk_r)
@@ -379,14 +445,14 @@ class Model:
         if self.shape.is_mha:
             self._stage("qkvBwd", layer, dq=dq, dk=dk, dv=dv)
             self._eval("qkvBwd", layer)
-            (dxa,) = self._read("qkvBwd", 0, "dx")
+            (dxa,) = self._read("qkvBwd", layer, "dx")
         else:
             self._stage("qBwd", layer, dq=dq)
             self._eval("qBwd", layer)
             self._stage("kvBwd", layer, dk=dk, dv=dv)
             self._eval("kvBwd", layer)
-            (dxa,) = self._read("qBwd", 0, "dxq")
-            (dxkv,) = self._read("kvBwd", 0, "dxkv")
+            (dxa,) = self._read("qBwd", layer, "dxq")
+            (dxkv,) = self._read("kvBwd", layer, "dxkv")
             dxa += dxkv
         t0 = time.perf_counter()
         dx = cpu_ops.rmsnorm_backward(dxa, s.x, self.layer_param(layer, "input_layernorm.weight"), s.r1,
@@ -401,6 +467,7 @@ class Model:
         """Wait for the dW queue and fold the embedding-input gradient in; returns ``self.grads``."""
         t0 = time.perf_counter()
         self.queue.wait()
+        self._ws.drained()
         self.timer.seconds["dw_wait"] += time.perf_counter() - t0
         if self._g_embed_in is not self.grads[self.embed_name]:
             self.grads[self.embed_name] += self._g_embed_in

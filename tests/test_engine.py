@@ -109,12 +109,12 @@ def test_tiny_learns_real_text(tmp_path):
     cfg = preset("tiny")
     data = open_dataset(text, cfg, cache=tmp_path / "cache")
     eng = Engine(cfg, backend="sim", precision="fp16", seed=0,
-                 train=TrainConfig(steps=300, warmup=30, lr=2e-3, accum=1))
-    res = eng.fit(data, eval_every=300, eval_batches=16)
+                 train=TrainConfig(steps=400, warmup=30, lr=2e-3, accum=1))
+    res = eng.fit(data, eval_every=400, eval_batches=16)
     (s0, v0), (s1, v1) = res["evals"][0], res["evals"][-1]
     print(f"tiny on milton.txt: val loss {v0:.3f} (step {s0}) -> {v1:.3f} (step {s1})")
-    assert s0 == 0 and s1 == 300
-    assert v1 < v0 - 1.0
+    assert s0 == 0 and s1 == 400
+    assert v1 < v0 - 1.0  # measured 6.186 -> 4.922
 
 
 # ---- CLI and bad input ----------------------------------------------------------------------

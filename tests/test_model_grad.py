@@ -84,6 +84,43 @@ def test_fp32_gradients_match_autograd(name):
     assert max(worst)[0] < 1e-4
 
 
+class _LaggingQueue:
+    """A dW queue that runs nothing until ``wait()``: the slowest queue possible. Any array the
+    model reuses while the queue still holds it (the workspace alternates two sets across
+    micro-steps) would corrupt the accumulated gradients."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, grad, dy, x, copy=True):
+        self.jobs.append((grad, dy.copy() if copy else dy, x.copy() if copy else x))
+
+    def wait(self):
+        for grad, dy, x in self.jobs:
+            grad += dy @ x.T
+        self.jobs.clear()
+
+
+def test_accumulation_survives_a_lagging_dw_queue():
+    """Four micro-steps (the third and fourth reuse the workspace sets of the first two) with a
+    queue that lags a whole step behind: gradients still match autograd."""
+    cfg = CONFIGS["mha"]
+    params = _params(cfg, seed=7)
+    x, y = _batch(cfg, seed=8, n=4)
+    _, ref = _reference(cfg, params, x, y)
+    model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
+    model.queue = _LaggingQueue()
+    try:
+        for xi, yi in zip(x, y):
+            model.forward_backward(xi, yi)
+        got = model.finish_gradients()
+    finally:
+        model.close()
+    for k in ref:
+        err = np.linalg.norm(got[k] - ref[k]) / np.linalg.norm(ref[k])
+        assert err < 1e-4, f"gradient of {k} off by {err:.2e} relative"
+
+
 def test_fp32_gradients_detect_a_wrong_parameter():
     """The comparison has teeth: perturbing one weight after the reference moves its gradient."""
     cfg = CONFIGS["gqa"]

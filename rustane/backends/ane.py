@@ -275,6 +275,8 @@ class AneBackend(Backend):
         if dialect not in ("ios18", "ios16"):
             raise ValueError(f"dialect must be 'ios18' or 'ios16', got {dialect!r}")
         self.dialect = dialect
+        # the fake framework (Linux tests) evaluates through the simulator, on this CPU
+        self.runs_on_cpu = bool(_runtime().BUILT_WITH_FAKE)
 
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> AneKernel:
         _ane = _runtime()

@@ -99,6 +99,9 @@ class Kernel(abc.ABC):
 
 class Backend(abc.ABC):
     name: str
+    # True when kernel evaluations compute on the host CPU (the simulator): the engine then
+    # shares the cores between them and the dW queue (rustane.cpu_threads)
+    runs_on_cpu: bool = False
 
     @abc.abstractmethod
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> Kernel:

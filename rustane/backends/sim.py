@@ -127,6 +127,7 @@ class SimKernel(Kernel):
 
 class SimBackend(Backend):
     name = "sim"
+    runs_on_cpu = True
 
     def __init__(self, precision: str = "fp16", check: bool = True, target: str = "m4", io_dtype: str | None = None):
         if precision not in ("fp16", "fp32"):
