@@ -118,6 +118,13 @@ class _Workspace:
             a = self._cur[key] = np.empty(shape, dtype=np.float32)
         return a
 
+    def arrays(self, key, shapes: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+        """Several arrays under one key (one tap read): one lookup on the hot path."""
+        a = self._cur.get(key)
+        if a is None:
+            a = self._cur[key] = [np.empty(sh, dtype=np.float32) for sh in shapes]
+        return a
+
 
 class PhaseTimer:
     """Wall time per phase of a step (kernel evals, staging, cpu ops, dW wait, optimizer)."""
@@ -188,6 +195,7 @@ class Model:
         self._blocks = {n: {b.name: b for b in sp.blocks} for n, sp in self.plan.items()}
         self._taps = {n: {t.name: t for t in sp.taps} for n, sp in self.plan.items()}
         self._copy_plans: dict = {}
+        self._read_plans: dict = {}
         L = self.cfg.n_layers
         self.inb: dict[str, list] = {}
         self.outb: dict[str, list] = {}
@@ -203,6 +211,8 @@ class Model:
             outs = [k.alloc(k.outputs[0]) for _ in range(n_out)]
             self.inb[name], self.outb[name] = ins, outs
             self.req[name] = [k.request([ins[min(i, n_in - 1)]], [outs[min(i, n_out - 1)]]) for i in range(max(n_in, n_out))]
+        # the request each layer evaluates (shared-buffer kernels have one for all)
+        self._req_at = {name: [r[min(i, len(r) - 1)] for i in range(L)] for name, r in self.req.items()}
 
     def layer_param(self, layer: int, suffix: str) -> np.ndarray:
         return self._layer_params[layer][suffix]
@@ -239,9 +249,9 @@ class Model:
     # ---- helpers -----------------------------------------------------------------------------
 
     def _eval(self, name: str, layer: int = 0) -> None:
+        req = self._req_at[name][layer]
         t0 = time.perf_counter()
-        reqs = self.req[name]
-        reqs[min(layer, len(reqs) - 1)].eval()
+        req.eval()
         self.timer.seconds["evals"] += time.perf_counter() - t0
         self.timer.evals += 1
 
@@ -259,13 +269,21 @@ class Model:
         return self._ws.get(key, shape) if self._training else np.empty(shape, dtype=np.float32)
 
     def _read(self, name: str, layer: int, *taps: str) -> list[np.ndarray]:
-        """Taps of ``name``'s output for ``layer`` (shared buffers: the layer selects only the
-        workspace arrays, which the dW queue may hold per layer)."""
-        tapd = self._taps[name]
-        S = self.cfg.seq_len
+        """Taps of ``name``'s output for ``layer`` as fp32 arrays (for kernels with one shared
+        output buffer, the layer still selects the workspace arrays: the dW queue holds them per
+        layer). The buffer and taps of each distinct call are resolved once, as in ``_copy``."""
+        key = (name, layer, taps)
+        plan = self._read_plans.get(key)
+        if plan is None:
+            tapd = self._taps[name]
+            tl = tuple(tapd[t] for t in taps)
+            plan = self._read_plans[key] = (self.outb[name][min(layer, len(self.outb[name]) - 1)], tl,
+                                            tuple((t.c1 - t.c0, self.cfg.seq_len) for t in tl))
+        buf, tl, shapes = plan
+        outs = self._ws.arrays(key, shapes) if self._training else (None,) * len(tl)
         t0 = time.perf_counter()
-        with self.outb[name][min(layer, len(self.outb[name]) - 1)].lock(readonly=True) as view:
-            out = [_get(view, tapd[t], self._buf((name, t, layer), (tapd[t].c1 - tapd[t].c0, S))) for t in taps]
+        with buf.lock(readonly=True) as view:
+            out = [_get(view, t, o) for t, o in zip(tl, outs)]
         self.timer.seconds["staging"] += time.perf_counter() - t0
         return out
 

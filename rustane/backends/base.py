@@ -134,6 +134,8 @@ class HostBuffer(Buffer):
         self._data = np.zeros(spec.view_shape, dtype=spec.dtype)
         self._ro = self._data.view()
         self._ro.flags.writeable = False
+        # the lock objects hold nothing but the view, so one of each serves every lock()
+        self._lock_rw, self._lock_ro = _HostLock(self._data), _HostLock(self._ro)
 
     def lock(self, readonly: bool = False) -> _HostLock:
-        return _HostLock(self._ro if readonly else self._data)
+        return self._lock_ro if readonly else self._lock_rw
