@@ -87,98 +87,7 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
     return 0;
 }
 
-/* CE blocking: a block of CE_ROWS rows x CE_COLS positions (<= 128 KB, fits L2) stays in cache
- * from its max to its exp pass, so the logits stream from memory once for max, exp and sum, and
- * once more to normalise (32 rows measured 8% slower at V = 32000, S = 256). */
-enum { CE_ROWS = 64, CE_COLS = 512 };
 
-
-RN_SIMD_CLONES
-double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
-                        int V, int S, float grad_scale)
-{
-    if (S <= 0) return 0.0;
-    const int nblk = (V + CE_ROWS - 1) / CE_ROWS;
-    /* Per-position rows: running max, block max / final factor, target logit; sum of
-     * exp(logit - running max) in double (big V); bmx [nblk, S]: the running max each row
-     * block's exps were taken against, to rebase them on the final max. */
-    float *mx = malloc((size_t)S * 3 * sizeof(float));
-    double *sum = calloc((size_t)S, sizeof(double));
-    float *bmx = malloc((size_t)(nblk > 0 ? nblk : 1) * S * sizeof(float));
-    if (!mx || !sum || !bmx) { free(mx); free(sum); free(bmx); return NAN; }
-    float *bm = mx + S, *tl = mx + 2 * (size_t)S;
-    for (int s = 0; s < S; s++) {
-        mx[s] = -INFINITY;
-        tl[s] = logits[(size_t)targets[s] * S + s]; /* read before dlogits may overwrite it */
-    }
-    for (int s0 = 0; s0 < S; s0 += CE_COLS) {
-        const int s1 = s0 + CE_COLS < S ? s0 + CE_COLS : S;
-        for (int b = 0; b < nblk; b++) {
-            const int v0 = b * CE_ROWS, v1 = v0 + CE_ROWS < V ? v0 + CE_ROWS : V;
-            for (int s = s0; s < s1; s++) bm[s] = mx[s];
-            for (int v = v0; v < v1; v++) {
-                const float *lr = logits + (size_t)v * S;
-                for (int s = s0; s < s1; s++) bm[s] = lr[s] > bm[s] ? lr[s] : bm[s];
-            }
-            /* A new maximum rescales the sum so far, in double so that a max rising block by
-             * block (sorted logits) adds no error beyond the sums' own rounding. */
-            float *br = bmx + (size_t)b * S;
-            for (int s = s0; s < s1; s++) {
-                if (bm[s] > mx[s]) {
-                    sum[s] *= exp((double)mx[s] - (double)bm[s]);
-                    mx[s] = bm[s];
-                }
-                br[s] = mx[s];
-            }
-            int v = v0;
-            /* Four rows per sweep of the double sums (a quarter of their loads and stores); the
-             * exps go to dlogits first and are summed from there (in L1), which keeps each loop
-             * simple enough for the vectoriser's alias checks (dlogits may alias logits). */
-            for (; v + 4 <= v1; v += 4) {
-                for (int i = 0; i < 4; i++) {
-                    const float *lr = logits + (size_t)(v + i) * S;
-                    float *dr = dlogits + (size_t)(v + i) * S;
-                    for (int s = s0; s < s1; s++) dr[s] = exp_nonpos(lr[s] - mx[s]);
-                }
-                const float *d0 = dlogits + (size_t)v * S, *d1 = d0 + S, *d2 = d1 + S, *d3 = d2 + S;
-                for (int s = s0; s < s1; s++)
-                    sum[s] += ((double)d0[s] + (double)d1[s]) + ((double)d2[s] + (double)d3[s]);
-            }
-            for (; v < v1; v++) {
-                const float *lr = logits + (size_t)v * S;
-                float *dr = dlogits + (size_t)v * S;
-                for (int s = s0; s < s1; s++) {
-                    const float e = exp_nonpos(lr[s] - mx[s]);
-                    dr[s] = e;
-                    sum[s] += e;
-                }
-            }
-        }
-    }
-    double loss = 0.0;
-    const float k = grad_scale / (float)S;
-    for (int s = 0; s < S; s++) loss += log(sum[s]) + (double)mx[s] - (double)tl[s];
-    for (int b = 0; b < nblk; b++) {
-        const int v0 = b * CE_ROWS, v1 = v0 + CE_ROWS < V ? v0 + CE_ROWS : V;
-        /* Factor k/sum, times exp(block max - final max) where the max rose after the block;
-         * bm holds it so the row loop is one multiply. */
-        const float *br = bmx + (size_t)b * S;
-        for (int s = 0; s < S; s++) {
-            double f = (double)k / sum[s];
-            if (br[s] != mx[s]) f *= exp((double)br[s] - (double)mx[s]);
-            bm[s] = (float)f;
-        }
-        for (int v = v0; v < v1; v++) {
-            float *dr = dlogits + (size_t)v * S;
-            for (int s = 0; s < S; s++) dr[s] *= bm[s];
-        }
-    }
-    for (int s = 0; s < S; s++) dlogits[(size_t)targets[s] * S + s] -= k;
-    free(mx);
-    free(sum);
-    free(bmx);
-    return loss / S;
-}
 
 /* Embedding rows are contiguous in D while [D, S] columns are strided; a block of positions
  * keeps both sides' cache lines live while the block is transposed. */
@@ -377,3 +286,143 @@ double rn_sumsq_tensors(const float *const *xs, const size_t *ns, int count, int
     free(slots);
     return s;
 }
+
+/* ---- softmax cross-entropy ------------------------------------------------------------------ */
+
+/* CE blocking: a block of CE_ROWS rows x CE_COLS positions (<= 128 KB, fits L2) stays in cache
+ * from its max to its exp pass, so the logits stream from memory once for max, exp and sum, and
+ * once more to normalise (32 rows measured 8% slower at V = 32000, S = 256). */
+enum { CE_ROWS = 64, CE_COLS = 512 };
+
+/* CE of S columns (positions) of [V, ld]-strided logits: writes dlogits of those columns (scaled
+ * by k) and each column's loss to col_loss. Columns are independent, so a block of them gives
+ * the same bits as the whole matrix. Returns -1 on allocation failure. */
+RN_SIMD_CLONES
+static int ce_cols(const float *logits, const int32_t *targets, float *dlogits, int V, int S, size_t ld,
+                   float k, double *col_loss)
+{
+    const int nblk = (V + CE_ROWS - 1) / CE_ROWS;
+    /* Per-position rows: running max, block max / final factor, target logit; sum of
+     * exp(logit - running max) in double (big V); bmx [nblk, S]: the running max each row
+     * block's exps were taken against, to rebase them on the final max. */
+    float *mx = malloc((size_t)S * 3 * sizeof(float));
+    double *sum = calloc((size_t)S, sizeof(double));
+    float *bmx = malloc((size_t)(nblk > 0 ? nblk : 1) * S * sizeof(float));
+    if (!mx || !sum || !bmx) { free(mx); free(sum); free(bmx); return -1; }
+    float *bm = mx + S, *tl = mx + 2 * (size_t)S;
+    for (int s = 0; s < S; s++) {
+        mx[s] = -INFINITY;
+        tl[s] = logits[(size_t)targets[s] * ld + s]; /* read before dlogits may overwrite it */
+    }
+    for (int s0 = 0; s0 < S; s0 += CE_COLS) {
+        const int s1 = s0 + CE_COLS < S ? s0 + CE_COLS : S;
+        for (int b = 0; b < nblk; b++) {
+            const int v0 = b * CE_ROWS, v1 = v0 + CE_ROWS < V ? v0 + CE_ROWS : V;
+            for (int s = s0; s < s1; s++) bm[s] = mx[s];
+            for (int v = v0; v < v1; v++) {
+                const float *lr = logits + (size_t)v * ld;
+                for (int s = s0; s < s1; s++) bm[s] = lr[s] > bm[s] ? lr[s] : bm[s];
+            }
+            /* A new maximum rescales the sum so far, in double so that a max rising block by
+             * block (sorted logits) adds no error beyond the sums' own rounding. */
+            float *br = bmx + (size_t)b * S;
+            for (int s = s0; s < s1; s++) {
+                if (bm[s] > mx[s]) {
+                    sum[s] *= exp((double)mx[s] - (double)bm[s]);
+                    mx[s] = bm[s];
+                }
+                br[s] = mx[s];
+            }
+            int v = v0;
+            /* Four rows per sweep of the double sums (a quarter of their loads and stores); the
+             * exps go to dlogits first and are summed from there (in L1), which keeps each loop
+             * simple enough for the vectoriser's alias checks (dlogits may alias logits). */
+            for (; v + 4 <= v1; v += 4) {
+                for (int i = 0; i < 4; i++) {
+                    const float *lr = logits + (size_t)(v + i) * ld;
+                    float *dr = dlogits + (size_t)(v + i) * ld;
+                    for (int s = s0; s < s1; s++) dr[s] = exp_nonpos(lr[s] - mx[s]);
+                }
+                const float *d0 = dlogits + (size_t)v * ld, *d1 = d0 + ld, *d2 = d1 + ld, *d3 = d2 + ld;
+                for (int s = s0; s < s1; s++)
+                    sum[s] += ((double)d0[s] + (double)d1[s]) + ((double)d2[s] + (double)d3[s]);
+            }
+            for (; v < v1; v++) {
+                const float *lr = logits + (size_t)v * ld;
+                float *dr = dlogits + (size_t)v * ld;
+                for (int s = s0; s < s1; s++) {
+                    const float e = exp_nonpos(lr[s] - mx[s]);
+                    dr[s] = e;
+                    sum[s] += e;
+                }
+            }
+        }
+    }
+    for (int s = 0; s < S; s++) col_loss[s] = log(sum[s]) + (double)mx[s] - (double)tl[s];
+    for (int b = 0; b < nblk; b++) {
+        const int v0 = b * CE_ROWS, v1 = v0 + CE_ROWS < V ? v0 + CE_ROWS : V;
+        /* Factor k/sum, times exp(block max - final max) where the max rose after the block;
+         * bm holds it so the row loop is one multiply. */
+        const float *br = bmx + (size_t)b * S;
+        for (int s = 0; s < S; s++) {
+            double f = (double)k / sum[s];
+            if (br[s] != mx[s]) f *= exp((double)br[s] - (double)mx[s]);
+            bm[s] = (float)f;
+        }
+        for (int v = v0; v < v1; v++) {
+            float *dr = dlogits + (size_t)v * ld;
+            for (int s = 0; s < S; s++) dr[s] *= bm[s];
+        }
+    }
+    for (int s = 0; s < S; s++) dlogits[(size_t)targets[s] * ld + s] -= k;
+    free(mx);
+    free(sum);
+    free(bmx);
+    return 0;
+}
+
+struct ce_part {
+    const float *logits;
+    const int32_t *targets;
+    float *dlogits;
+    int V, S;
+    size_t ld;
+    float k;
+    double *col_loss;
+    int rc;
+};
+
+static void *ce_part_run(void *arg)
+{
+    struct ce_part *p = arg;
+    p->rc = p->S > 0 ? ce_cols(p->logits, p->targets, p->dlogits, p->V, p->S, p->ld, p->k, p->col_loss) : 0;
+    return NULL;
+}
+
+double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
+                        int V, int S, float grad_scale, int threads)
+{
+    if (S <= 0) return 0.0;
+    double *col_loss = malloc((size_t)S * sizeof(double));
+    if (!col_loss) return NAN;
+    /* column blocks of a multiple of 8 positions (whole vectors), at least 32 each */
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (nt > S / 32) nt = S / 32 > 0 ? S / 32 : 1;
+    struct ce_part parts[MAX_THREADS];
+    int c0 = 0;
+    for (int i = 0; i < nt; i++) {
+        int c1 = i == nt - 1 ? S : (int)(((long long)S * (i + 1) / nt) & ~7LL);
+        if (c1 < c0) c1 = c0;
+        parts[i] = (struct ce_part){logits + c0, targets + c0, dlogits + c0, V, c1 - c0, (size_t)S,
+                                    grad_scale / (float)S, col_loss + c0, 0};
+        c0 = c1;
+    }
+    run_parts(ce_part_run, parts, sizeof parts[0], nt);
+    int failed = 0;
+    for (int i = 0; i < nt; i++) failed |= parts[i].rc;
+    double loss = 0.0;
+    for (int s = 0; s < S; s++) loss += col_loss[s]; /* in position order: any thread count */
+    free(col_loss);
+    return failed ? NAN : loss / S;
+}
+

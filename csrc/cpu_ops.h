@@ -43,9 +43,11 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
  * Numerics: exp is a vectorisable polynomial (relative error <= 1.1e-7 on [-87.33, 0]); terms
  * with logit - max < -87.33 count as 0 (expf would give subnormals); per-position sums and the
  * loss are in double. NaN or +inf in a column makes the loss NaN; a -inf logit is probability
- * 0 (loss +inf if it is the target's). */
+ * 0 (loss +inf if it is the target's).
+ * Positions are independent: `threads` threads (the caller's included) take blocks of them, and
+ * the result is the same bits for any thread count (per-position losses summed in order). */
 double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
-                        int V, int S, float grad_scale);
+                        int V, int S, float grad_scale, int threads);
 
 /* Embedding forward: out [D, S], out[d, s] = E[tokens[s], d] with E [V, D] row-major. */
 void rn_embedding_fwd(const float *E, const int32_t *tokens, float *out, int D, int S);

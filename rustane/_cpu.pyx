@@ -20,7 +20,7 @@ cdef extern from "cpu_ops.h":
     int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta,
                 int inverse) nogil
     double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
-                            int V, int S, float grad_scale) nogil
+                            int V, int S, float grad_scale, int threads) nogil
     void rn_embedding_fwd(const float *E, const int32_t *tokens, float *out, int D, int S) nogil
     void rn_embedding_bwd(const float *dx, const int32_t *tokens, float *dE, int D, int S) nogil
     void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
@@ -149,8 +149,9 @@ def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
         raise MemoryError("rope: out of memory for the cos/sin table")
 
 
-def cross_entropy(logits, targets, dlogits, float grad_scale):
-    """logits [V, S], targets int32 [S] -> mean loss (float); writes dlogits [V, S]."""
+def cross_entropy(logits, targets, dlogits, float grad_scale, int threads=1):
+    """logits [V, S], targets int32 [S] -> mean loss (float); writes dlogits [V, S]. Positions
+    are split over ``threads`` threads (the same result for any count)."""
     cdef cnp.ndarray L = _arr(logits, "logits", np.float32, (None, None))
     cdef int V = L.shape[0], S = L.shape[1]
     cdef cnp.ndarray T = _arr(targets, "targets", np.int32, (S,))
@@ -161,7 +162,7 @@ def cross_entropy(logits, targets, dlogits, float grad_scale):
     cdef int32_t* pT = _i(T)
     cdef float* pD = _f(D)
     with nogil:
-        loss = rn_cross_entropy(pL, pT, pD, V, S, grad_scale)
+        loss = rn_cross_entropy(pL, pT, pD, V, S, grad_scale, threads)
     if loss != loss and S > 0:
         # NaN is also what non-finite logits give; tell the two apart for the message.
         if not np.isfinite(L).all():

@@ -108,16 +108,17 @@ def rope_backward(dy: np.ndarray, n_heads: int, head_dim: int, theta: float = 10
 
 
 def cross_entropy(logits: np.ndarray, targets, grad_scale: float = 1.0, *,
-                  dlogits: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                  dlogits: np.ndarray | None = None, threads: int = 1) -> tuple[float, np.ndarray]:
     """Full-vocabulary softmax CE on ``logits [V, S]`` → ``(mean loss, dlogits [V, S])``.
 
     ``dlogits = (softmax − onehot)·grad_scale/S``; pass ``dlogits=logits`` to overwrite the
     logits in place (the loss is still exact: target logits are read first). The loss is NaN if a
     column holds NaN or +inf; a −inf logit has probability 0 (the loss is +inf if it is the
-    target's).
+    target's). Positions are split over ``threads`` threads; the result is the same bits for
+    any count.
     """
     dlogits = _empty(np.shape(logits)) if dlogits is None else dlogits
-    loss = _cpu.cross_entropy(logits, as_tokens(targets), dlogits, float(grad_scale))
+    loss = _cpu.cross_entropy(logits, as_tokens(targets), dlogits, float(grad_scale), int(threads))
     return float(loss), dlogits
 
 

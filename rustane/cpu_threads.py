@@ -105,6 +105,18 @@ class StepThreads:
             fut.result()
         return out
 
+    def run_halves(self, fn, jobs: list) -> None:
+        """``fn(jobs)``, with every other job handed to the helper when there is one (``fn``
+        must release the GIL in its heavy parts, as numpy copies and rustane's C calls do)."""
+        if self._pool is None or len(jobs) < 2:
+            fn(jobs)
+            return
+        fut = self._pool.submit(fn, jobs[1::2])
+        try:
+            fn(jobs[0::2])
+        finally:
+            fut.result()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -230,15 +230,19 @@ class Model:
             self._layer_grads.append({k[len(pre):]: v for k, v in self.grads.items() if k.startswith(pre)})
 
     def stage_weights(self) -> None:
-        """Write every layer's weights into its kernel inputs (after init and each optimizer step)."""
+        """Write every layer's weights into its kernel inputs (after init and each optimizer step;
+        memory-bound copies, spread over the step's threads where it has a helper)."""
+        jobs = []
         for name, spec in self.plan.items():
             wblocks = [b for b in spec.blocks if b.kind == "weight"]
-            if not wblocks:
-                continue
-            for layer, buf in enumerate(self.inb[name]):
-                with buf.lock() as view:
-                    for b in wblocks:
-                        _put(view, self.layer_param(layer, _WEIGHT_OF[b.name]), b)
+            jobs += [(buf, layer, wblocks) for layer, buf in enumerate(self.inb[name]) if wblocks]
+        self.threads.run_halves(self._stage_weight_jobs, jobs)
+
+    def _stage_weight_jobs(self, jobs) -> None:
+        for buf, layer, wblocks in jobs:
+            with buf.lock() as view:
+                for b in wblocks:
+                    _put(view, self.layer_param(layer, _WEIGHT_OF[b.name]), b)
 
     def close(self) -> None:
         self.queue.wait()
@@ -400,9 +404,12 @@ class Model:
                                          out=self._buf("xf", (D, S)), rrms=self._buf("rf", (S,)))
         # [V, S]; no dW is queued yet in this micro-step, so the classifier may use every core
         logits = self.threads.matmul_rows(w_head, xf, out=self._buf("logits", (V, S)))
-        loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits)
+        loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
+                                              threads=self.threads.cpus if self.threads.enabled else 1)
+        # dx before the classifier's dW is queued: on the simulator the second core is still free
+        # for it then, and the queue absorbs the dW while the layers' backward runs
+        dxf = self.threads.matmul_rows(w_head.T, dlogits, out=self._buf("dxf", (D, S)))
         self._dw(self.grads[self.head_name], dlogits, xf)
-        dxf = np.matmul(w_head.T, dlogits, out=self._buf("dxf", (D, S)))
         dy = cpu_ops.rmsnorm_backward(dxf, x, self.params["model.norm.weight"], rf,
                                       self.grads["model.norm.weight"], dx=dxf)
         T.seconds["cpu"] += time.perf_counter() - t0

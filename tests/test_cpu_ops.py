@@ -531,3 +531,23 @@ def test_softmax_nonfinite_rows():
         ref = _softmax64(a)  # numpy's NaN conventions: a NaN or +inf, or all -inf, poisons the row
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got[3:], ref[3:], rtol=1e-7)
+
+
+@pytest.mark.parametrize("S", [1, 31, 64, 200, 257])
+def test_cross_entropy_threads_give_the_same_bits(S):
+    """Positions split over threads (blocks of whole vectors, >= 32 each): loss and gradient
+    bit-identical to one thread, and the one-thread result still matches float64."""
+    r = np.random.default_rng(S)
+    V = 300
+    logits = (r.standard_normal((V, S)) * 4).astype(np.float32)
+    t = r.integers(0, V, S).astype(np.int32)
+    l1, d1 = cpu.cross_entropy(logits, t, grad_scale=3.0, threads=1)
+    assert l1 == pytest.approx(np_ce(logits.astype(np.float64), t), rel=1e-6)
+    for threads in (2, 3, 8):
+        lt, dt = cpu.cross_entropy(logits, t, grad_scale=3.0, threads=threads)
+        assert lt == l1
+        np.testing.assert_array_equal(dt, d1)
+    inplace = logits.copy()
+    li, di = cpu.cross_entropy(inplace, t, grad_scale=3.0, dlogits=inplace, threads=2)
+    assert li == l1 and di is inplace
+    np.testing.assert_array_equal(inplace, d1)

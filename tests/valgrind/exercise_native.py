@@ -239,6 +239,49 @@ def check_cpu_ops() -> None:
     assert abs(cpu_ops.sumsq(z) - float((z.astype(np.float64) ** 2).sum())) < 1e-6 * z.size
     assert cpu_ops.sumsq(np.array([1.0, np.inf], np.float32)) == np.inf
     assert abs(cpu_ops.global_norm([z, x]) - np.sqrt((z.astype(np.float64) ** 2).sum() + (x64 ** 2).sum())) < 1e-4
+    check_threaded_cpu_ops()
+    check_sim_row_ops()
+
+
+def check_threaded_cpu_ops() -> None:
+    """The pthread paths: enough work that 2 threads really split (>= 128K elements each for the
+    optimizer passes, >= 32 positions each for the CE), compared with the one-thread results."""
+    sizes = (150_001, 3, 130_000)
+    ws = [f32(n) for n in sizes]
+    gs = [f32(n) for n in sizes]
+    ms = [np.zeros(n, np.float32) for n in sizes]
+    vs = [np.zeros(n, np.float32) for n in sizes]
+    ref = [[a.copy() for a in grp] for grp in (ws, gs, ms, vs)]
+    for k in range(len(sizes)):
+        cpu_ops.adamw_step(ref[0][k], ref[1][k], ref[2][k], ref[3][k], lr=1e-2, step=3, weight_decay=0.1)
+    cpu_ops.adamw_tensors(ws, gs, ms, vs, [0.1] * 3, lr=1e-2, step=3, zero_grad=True, threads=2)
+    for got, want in zip((ws, ms, vs), (ref[0], ref[2], ref[3])):
+        for a, b in zip(got, want):
+            assert np.array_equal(a, b)
+    assert not any(g.any() for g in gs)
+    arrs = ref[1]
+    assert cpu_ops.sumsq_tensors(arrs, threads=2) == cpu_ops.sumsq_tensors(arrs, threads=1)
+
+    V, S = 257, 96
+    logits = f32(V, S) * 3
+    tgt = RNG.integers(0, V, S)
+    l1, d1 = cpu_ops.cross_entropy(logits, tgt, grad_scale=2.0, threads=1)
+    l2, d2 = cpu_ops.cross_entropy(logits, tgt, grad_scale=2.0, threads=2)
+    assert l1 == l2 and np.array_equal(d1, d2)
+
+
+def check_sim_row_ops() -> None:
+    wide = f32(20, 300) * 10
+    rows = wide[:, 5:261]  # strided rows, as the simulator passes slices
+    x64 = rows.astype(np.float64)
+    sig = 1 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(cpu_ops.sigmoid(rows), sig, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(cpu_ops.silu(rows), sig * x64, rtol=1e-6, atol=1e-30)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    np.testing.assert_allclose(cpu_ops.softmax_last(rows), e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-30)
+    cpu_ops.softmax_last(rows, out=rows)  # in place on the strided view
+    np.testing.assert_allclose(rows, e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-30)
+    raises(ValueError, cpu_ops.sigmoid, wide.T)
 
 
 # ---- a short training run through everything at once -------------------------------------------
