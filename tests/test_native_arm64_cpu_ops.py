@@ -1,0 +1,93 @@
+"""csrc/cpu_ops.c and csrc/sim_ops.c as a Mac runs them: cross-compiled for arm64 (no AVX2 clones,
+NEON-width vectorisation, the same -fno-math-errno), run under qemu-aarch64 with several threads.
+ISO C keeps FMA contraction off, so every element takes the same operations as on this x86 build:
+the arm64 results must equal the installed extension's bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiers import require_tools
+
+ROOT = Path(__file__).resolve().parents[1]
+HINT = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+from rustane import cpu_ops as cpu  # noqa: E402  (the installed extension: the x86 side of the comparison)
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory):
+    require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64", hint=HINT)
+    exe = tmp_path_factory.mktemp("arm64cpu") / "cpu_driver"
+    csrc = ROOT / "csrc"
+    cmd = ["aarch64-linux-gnu-gcc", "-std=c11", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-Werror",
+           "-static", "-pthread", f"-I{csrc}", str(ROOT / "tests" / "neon" / "cpu_driver.c"),
+           str(csrc / "cpu_ops.c"), str(csrc / "sim_ops.c"), "-o", str(exe), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+    def run(*args, data: bytes) -> bytes:
+        p = subprocess.run(["qemu-aarch64", str(exe), *map(str, args)], input=data, capture_output=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr.decode()
+        return p.stdout
+
+    return run
+
+
+def _wide(n, seed):
+    r = np.random.default_rng(seed)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 87.3, -87.3, 88.8, -88.8, 1e-45, -3.4e38], np.float32)
+    return np.concatenate([special, (r.standard_normal(n) * 25).astype(np.float32)])
+
+
+def same_bits(a, b):
+    """Bit-equal, except that a NaN's sign may differ: the default NaN an invalid operation
+    (inf · 0) makes is negative on x86 and positive on arm64."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    nan = np.isnan(a)
+    np.testing.assert_array_equal(nan, np.isnan(b))
+    np.testing.assert_array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32))
+
+
+def test_sigmoid_silu_softmax(drive):
+    x = _wide(50_001, 1)
+    same_bits(np.frombuffer(drive("sigmoid", data=x.tobytes()), np.float32), cpu.sigmoid(x))
+    same_bits(np.frombuffer(drive("silu", data=x.tobytes()), np.float32), cpu.silu(x))
+    a = (np.random.default_rng(2).standard_normal((37, 259)) * 8).astype(np.float32)
+    same_bits(np.frombuffer(drive("softmax", 259, data=a.tobytes()), np.float32).reshape(37, 259),
+              cpu.softmax_last(a))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cross_entropy(drive, threads):
+    r = np.random.default_rng(threads)
+    V, S = 1003, 200
+    logits = (r.standard_normal((V, S)) * 5).astype(np.float32)
+    t = r.integers(0, V, S).astype(np.int32)
+    out = drive("ce", V, S, threads, 0.5, data=logits.tobytes() + t.tobytes())
+    loss = np.frombuffer(out[:8], np.float64)[0]
+    want_loss, want = cpu.cross_entropy(logits, t, grad_scale=0.5)
+    assert loss == want_loss
+    same_bits(np.frombuffer(out[8:], np.float32).reshape(V, S), want)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_adamw_tensors_and_sumsq(drive, threads):
+    r = np.random.default_rng(10 + threads)
+    n = 400_000  # >= 128K elements per thread, so the split really happens
+    w, g, m = (r.standard_normal(n).astype(np.float32) * s for s in (1.0, 1e-2, 1e-3))
+    v = np.abs(r.standard_normal(n).astype(np.float32)) * 1e-5
+    out = np.frombuffer(drive("adamw", threads, data=b"".join(a.tobytes() for a in (w, g, m, v))), np.float32)
+    a = n // 3
+    want = [w.copy(), g.copy(), m.copy(), v.copy()]
+    cpu.adamw_tensors([want[0][:a], want[0][a:]], [want[1][:a], want[1][a:]], [want[2][:a], want[2][a:]],
+                      [want[3][:a], want[3][a:]], [0.1, 0.0], lr=3e-3, step=7, grad_scale=0.5, zero_grad=True,
+                      threads=1)
+    for got, exp in zip(np.split(out, 4), (want[0], want[2], want[3], want[1])):
+        same_bits(got, exp)
+    s = np.frombuffer(drive("sumsq", threads, data=w.tobytes()), np.float64)[0]
+    assert s == cpu.sumsq_tensors([w], threads=1)
