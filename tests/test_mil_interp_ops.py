@@ -847,3 +847,61 @@ def test_unknown_argument_is_an_error():
     b.op("y", "matmul", "fp16", (2, 2), x="x", y="w", transpose_Y="bT")
     with pytest.raises(MilPlanError, match=r"unknown argument\(s\) transpose_Y .*transpose_y"):
         compile_program(parse(b.text(["y"])))
+
+
+@EX
+@given(c=st.integers(1, 9), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_fp16_native_casts_on_windows_and_transposes(c, n, seed):
+    """fp16 mode widens inputs natively: a contiguous buffer, a window of a wider buffer (a
+    last-axis slice: staging's 2-D reader) and a transpose of a whole buffer (widened in memory
+    order, viewed permuted). Each must give the numbers of numpy's exact widening: elementwise
+    results bit-equal to widen -> fp32 op -> round; the matmul within one fp16 ulp of float64."""
+    from rustane import native
+
+    r = np.random.default_rng(seed)
+    x = (r.standard_normal((1, c, 1, 2 * n)) * 4).astype(F16)
+    b = MilBuilder()
+    b.input("x", "fp16", x.shape)
+    b.const("b0", np.array([0, 0, 0, 0], np.int32))
+    b.const("b1", np.array([0, 0, 0, n], np.int32))
+    b.const("sz", np.array([1, c, 1, n], np.int32))
+    b.const("r4", np.array([1, 1, c, 2 * n], np.int32))
+    b.const("ra", np.array([1, 1, c, n], np.int32))
+    b.const("pm", np.array([0, 1, 3, 2], np.int32))
+    b.const("bF", False)
+    b.op("a", "slice_by_size", "fp16", (1, c, 1, n), x="x", begin="b0", size="sz")
+    b.op("bb", "slice_by_size", "fp16", (1, c, 1, n), x="x", begin="b1", size="sz")
+    b.op("prod", "mul", "fp16", (1, c, 1, n), x="a", y="bb")  # two windows
+    b.op("e", "exp", "fp16", (1, c, 1, n), x="a")  # unary on a window
+    b.op("h", "add", "fp16", x.shape, x="x", y="x")  # contiguous
+    b.op("h4", "reshape", "fp16", (1, 1, c, 2 * n), x="h", shape="r4")
+    b.op("ht", "transpose", "fp16", (1, 1, 2 * n, c), x="h4", perm="pm")  # whole-buffer transpose
+    b.op("a4", "reshape", "fp16", (1, 1, c, n), x="a", shape="ra")
+    b.op("mm", "matmul", "fp16", (1, 1, 2 * n, n), x="ht", y="a4", transpose_x="bF", transpose_y="bF")
+    calls = {"unstage": 0, "f16_to_f32": 0}
+    orig = {k: getattr(native, k) for k in calls}
+
+    def counting(name):
+        def f(*args, **kw):
+            calls[name] += 1
+            return orig[name](*args, **kw)
+        return f
+
+    try:
+        for k in calls:
+            setattr(native, k, counting(k))
+        res = run(b.text(["prod", "e", "mm"]), {"x": x}, "fp16")
+    finally:
+        for k, f in orig.items():
+            setattr(native, k, f)
+    # the native paths ran (a one-row slice is contiguous: it takes the plain conversion)
+    assert calls["unstage"] >= (2 if c > 1 else 0) and calls["f16_to_f32"] >= 2, calls
+    xa, xb = x[..., :n].astype(F32), x[..., n:].astype(F32)
+    np.testing.assert_array_equal(res["prod"].view(np.uint16), (xa * xb).astype(F16).view(np.uint16))
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(res["e"].view(np.uint16), np.exp(xa).astype(F16).view(np.uint16))
+    h = (x.astype(F32) + x.astype(F32)).astype(F16)
+    ref = (f64(h).reshape(c, 2 * n).T @ f64(x[0, :, 0, :n])).astype(F16)
+    got = res["mm"].reshape(2 * n, n)
+    fin = np.isfinite(ref)
+    assert np.all(np.abs(f64(got[fin]) - f64(ref[fin])) <= f64(np.spacing(np.abs(ref[fin]))))

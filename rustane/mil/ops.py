@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import ast as A
-from .interp import F32, MilPlanError, Node, ValueInfo, storage_dtype
+from .interp import F16, F32, MilPlanError, Node, ValueInfo, storage_dtype
 
 BUILDERS: dict[str, Callable[["OpCompiler"], Node | ValueInfo]] = {}
 _REQUIRED = object()
@@ -220,6 +220,66 @@ def _cdt(out: np.ndarray):
     return F32 if out.dtype.kind == "f" and out.dtype.itemsize <= 4 else out.dtype
 
 
+def _native_cast(src: np.ndarray, dst: np.ndarray) -> Callable | None:
+    """rustane.native's fp16<->fp32 conversion (F16C/NEON, bit-exact with numpy's casts apart
+    from NaN payloads) from ``src`` into ``dst`` when both are C-contiguous and the dtypes are
+    fp16/fp32 in either direction; None otherwise. numpy's own half casts ran at 1.2-1.8 GB/s,
+    the native ones at 15-19 GB/s: in fp16 mode, where every op widens its inputs and rounds
+    its result, they were most of the simulator's time."""
+    if not (src.flags.c_contiguous and dst.flags.c_contiguous and src.shape == dst.shape):
+        return None
+    from rustane import native
+
+    if src.dtype == F16 and dst.dtype == F32:
+        return partial(native.f16_to_f32, src, dst)
+    if src.dtype == F32 and dst.dtype == F16:
+        return partial(native.f32_to_f16, src, dst)
+    return None
+
+
+def _f16_window(a: np.ndarray):
+    """``a`` (fp16) as a window of the 2-D array its memory belongs to: ``(root2d, row0, rows,
+    col0, cols)`` such that ``a`` holds rows ``[row0, row0+rows)`` x columns ``[col0, col0+cols)``
+    of ``root2d`` (in order), or None. Slices of a wider buffer along its last axis (a kernel's
+    weights inside its input tensor) are such windows; transposes are not."""
+    if a.ndim == 0 or a.size == 0:
+        return None
+    cols = a.shape[-1]
+    v = a.view()
+    try:
+        v.shape = (-1, cols)
+    except AttributeError:
+        return None
+    if cols > 1 and v.strides[1] != 2:
+        return None
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    ld = v.strides[0] // 2 if v.shape[0] > 1 else cols
+    if root.dtype != F16 or not root.flags.c_contiguous or ld < cols or v.strides[0] % 2 or root.size % ld:
+        return None
+    off = (v.__array_interface__["data"][0] - root.__array_interface__["data"][0]) // 2
+    row0, col0 = divmod(off, ld)
+    root2d = root.reshape(-1, ld)
+    if col0 + cols > ld or row0 + v.shape[0] > root2d.shape[0]:
+        return None
+    return root2d, row0, v.shape[0], col0, cols
+
+
+def _cast_step(src: np.ndarray, dst: np.ndarray) -> Callable:
+    """A step writing ``src`` into ``dst`` with a dtype change (fp32 results rounded into fp16
+    outputs, fp16 inputs widened into fp32 scratch): native where possible, else numpy."""
+    fast = _native_cast(src, dst)
+    if fast is None and src.dtype == F16 and dst.dtype == F32 and dst.flags.c_contiguous:
+        win = _f16_window(src)  # a strided slice: the native 2-D reader (staging's unstage)
+        if win is not None:
+            from rustane import native
+
+            root2d, row0, rows, col0, cols = win
+            fast = partial(native.unstage, root2d, row0, rows, col0, cols, out=dst.reshape(rows, cols))
+    return fast or partial(np.copyto, dst, src, casting="unsafe")
+
+
 def _f32(a: np.ndarray, bctx, i: int) -> tuple[np.ndarray, Callable | None]:
     """An fp32 version of input ``i``: the array itself, a one-off converted constant, or a
     scratch buffer plus the step that refreshes it each run."""
@@ -227,8 +287,36 @@ def _f32(a: np.ndarray, bctx, i: int) -> tuple[np.ndarray, Callable | None]:
         return a, None
     if bctx.consts[i]:
         return a.astype(F32), None
+    if a.dtype == F16 and not a.flags.c_contiguous:
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if (root.dtype == F16 and root.flags.c_contiguous and root.size == a.size
+                and root.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
+            # a transpose of a whole buffer: widen the buffer in memory order (natively) and
+            # view the fp32 copy with the same permutation (BLAS takes it transposed for free)
+            s = bctx.scratch(root.shape, F32)
+            view = np.lib.stride_tricks.as_strided(s, a.shape, tuple(2 * st for st in a.strides))
+            return view, _cast_step(root, s)
     s = bctx.scratch(a.shape, F32)
-    return s, partial(np.copyto, s, a, casting="unsafe")
+    return s, _cast_step(a, s)
+
+
+def _fp32_then_round(ins, out, bctx, compute: Callable) -> list:
+    """Steps for an op that numpy could run with ``dtype=float32`` on fp16 operands, but whose
+    internal half casts are slow: widen the inputs into fp32 scratch, ``compute(ins32, acc)``
+    into fp32, round into ``out`` once. Same numbers: widening is exact and the single rounding
+    is the one numpy's cast would do."""
+    steps, ins32 = [], []
+    for i, a in enumerate(ins):
+        a32, refresh = _f32(a, bctx, i) if a.dtype == F16 else (a, None)
+        if refresh:
+            steps.append(refresh)
+        ins32.append(a32)
+    acc = bctx.scratch(out.shape, F32)
+    steps.append(compute(ins32, acc))
+    steps.append(_cast_step(acc, out))
+    return steps
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,6 +355,8 @@ def _binary(c: OpCompiler):
     uf = _BINARY[c.op]
 
     def make(ins, out, bctx):
+        if out.dtype == F16:
+            return _fp32_then_round(ins, out, bctx, lambda a, acc: partial(uf, a[0], a[1], out=acc))
         return partial(uf, ins[0], ins[1], out=out, dtype=_cdt(out))
 
     return c.node([x, y], x.dtype, shape, make)
@@ -328,7 +418,12 @@ def _unary(c: OpCompiler):
     x = c.tensor("x")
     c.need_float(x)
     uf = _UNARY[c.op]
-    return c.node([x], x.dtype, x.shape, lambda ins, out, b: partial(uf, ins[0], out=out, dtype=_cdt(out)))
+    def make(ins, out, bctx):
+        if out.dtype == F16:
+            return _fp32_then_round(ins, out, bctx, lambda a, acc: partial(uf, a[0], out=acc))
+        return partial(uf, ins[0], out=out, dtype=_cdt(out))
+
+    return c.node([x], x.dtype, x.shape, make)
 
 
 def _native_rows(name: str, x32: np.ndarray, o32: np.ndarray) -> Callable | None:
@@ -359,7 +454,7 @@ def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], 
         fast = _native_rows(native, x32, o32) if native else None
         steps.append(fast or partial(f32fn, x32, o32))
         if o32 is not out:
-            steps.append(partial(np.copyto, out, o32, casting="unsafe"))
+            steps.append(_cast_step(o32, out))
         return steps
 
     return c.node([x], dtype or x.dtype, x.shape, make)
@@ -581,7 +676,7 @@ def _reduce(c: OpCompiler):
             uf = np.add if kind == "reduce_sum" else np.multiply
             steps = [partial(uf.reduce, a, axis=axes, keepdims=keep, dtype=dt, out=acc)]
             if acc is not out:
-                steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+                steps.append(_cast_step(acc, out))
             return steps
         steps = []
         if kind == "reduce_sum_square":
@@ -589,7 +684,7 @@ def _reduce(c: OpCompiler):
             steps.append(partial(np.multiply, a, a, out=sq, dtype=dt))
             steps.append(partial(np.add.reduce, sq, axis=axes, keepdims=keep, out=acc))
             if acc is not out:
-                steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+                steps.append(_cast_step(acc, out))
         else:  # mean: sum in fp32, divide, round once
             steps.append(partial(np.add.reduce, a, axis=axes, keepdims=keep, dtype=dt, out=acc))
             steps.append(partial(np.true_divide, acc, dt.type(count), out=out, dtype=dt))
@@ -614,7 +709,7 @@ def _softmax(c: OpCompiler):
             if fast is not None:
                 steps = ([refresh] if refresh else []) + [fast]
                 if s is not out:
-                    steps.append(partial(np.copyto, out, s, casting="unsafe"))
+                    steps.append(_cast_step(s, out))
                 return steps
         m = bctx.scratch(red, F32)
 
@@ -693,7 +788,7 @@ def _matmul(c: OpCompiler):
         else:
             acc = bctx.scratch(out.shape, F32)
             steps.append(partial(np.matmul, xa, ya, out=acc))
-            steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+            steps.append(_cast_step(acc, out))
         return steps
 
     return c.node([x, y], x.dtype, shape, make)
@@ -722,7 +817,7 @@ def _linear(c: OpCompiler):
         if len(f) == 3:
             steps.append(partial(np.add, acc, f[2], out=acc))
         if acc is not out:
-            steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+            steps.append(_cast_step(acc, out))
         return steps
 
     return c.node(ins_info, x.dtype, shape, make)
@@ -843,7 +938,7 @@ def _conv(c: OpCompiler):
         if bias32 is not None:
             steps.append(partial(np.add, acc, bias32, out=acc))
         if acc is not out:
-            steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+            steps.append(_cast_step(acc, out))
         return steps
 
     return c.node(ins_info, x.dtype, shape, make)
@@ -1215,7 +1310,7 @@ def _sdpa(c: OpCompiler):
 
         steps.append(step)
         if acc is not out:
-            steps.append(partial(np.copyto, out, acc, casting="unsafe"))
+            steps.append(_cast_step(acc, out))
         return steps
 
     return c.node(infos, q.dtype, shape, make)
