@@ -43,13 +43,15 @@ def _engine_run(cfg, backend: str, precision: str, batch, steps: int, warmup: in
         for _ in range(warmup):
             eng.train_step(batch)
         hist = [eng.train_step(batch) for _ in range(steps)]
+        policy = eng.model.threads.describe()
     finally:
         eng.close()
     ms_step = 1e3 * float(np.median([h.seconds for h in hist]))
     phases = {p: float(np.median([h.ms[p] for h in hist])) for p in hist[0].ms}
     return {"tokens_per_s": batch[0].size / (ms_step / 1e3), "ms_per_step": ms_step, "ms": phases,
             "evals_per_step": hist[0].evals, "compile_s": eng.model.compile_seconds,
-            "loss_first": hist[0].loss, "loss_last": hist[-1].loss}
+            "loss_first": hist[0].loss, "loss_last": hist[-1].loss,
+            "cpu_policy": policy}
 
 
 def _torch_run(cfg, batch, steps: int, warmup: int) -> dict:

@@ -117,6 +117,12 @@ class StepThreads:
         finally:
             fut.result()
 
+    def describe(self) -> dict:
+        """How steps share the cores, for reports (the bench JSON)."""
+        return {"applied": self.enabled, "cpus": self.cpus,
+                "numpy_blas_threads": self.blas_threads if self.enabled else "unchanged",
+                "numpy_blas_controlled": len(self._blas), "split_helper": self._pool is not None}
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -55,3 +55,5 @@ def test_step_limits_numpy_blas_and_restores_it():
         th.close()
     four = StepThreads(enabled=True, cpus=4)
     assert four.blas_threads == 3 and four._pool is None  # BLAS itself spreads over 3 cores
+    assert four.describe() == {"applied": True, "cpus": 4, "numpy_blas_threads": 3,
+                               "numpy_blas_controlled": len(ctls), "split_helper": False}
