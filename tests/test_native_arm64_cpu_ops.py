@@ -5,37 +5,17 @@ the arm64 results must equal the installed extension's bit for bit."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tiers import require_tools
-
-ROOT = Path(__file__).resolve().parents[1]
-HINT = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
-from rustane import cpu_ops as cpu  # noqa: E402  (the installed extension: the x86 side of the comparison)
+from arm64 import build_driver
+from rustane import cpu_ops as cpu  # the installed extension: the x86 side of the comparison
 
 
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory):
-    require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64", hint=HINT)
-    exe = tmp_path_factory.mktemp("arm64cpu") / "cpu_driver"
-    csrc = ROOT / "csrc"
-    cmd = ["aarch64-linux-gnu-gcc", "-std=c11", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-Werror",
-           "-static", "-pthread", f"-I{csrc}", str(ROOT / "tests" / "neon" / "cpu_driver.c"),
-           str(csrc / "cpu_ops.c"), str(csrc / "sim_ops.c"), "-o", str(exe), "-lm"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-
-    def run(*args, data: bytes) -> bytes:
-        p = subprocess.run(["qemu-aarch64", str(exe), *map(str, args)], input=data, capture_output=True,
-                           timeout=300)
-        assert p.returncode == 0, p.stderr.decode()
-        return p.stdout
-
-    return run
+    return build_driver(tmp_path_factory.mktemp("arm64cpu"), "cpu_driver", ["cpu_ops.c", "sim_ops.c"],
+                        ["-O3", "-fno-math-errno", "-pthread"])
 
 
 def _wide(n, seed):

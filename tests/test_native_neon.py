@@ -3,35 +3,15 @@ compared with numpy (and, for NaN payloads, with this machine's native conversio
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tiers import require_tools
-
-ROOT = Path(__file__).resolve().parents[1]
-HINT = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+from arm64 import build_driver
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    require_tools("aarch64-linux-gnu-gcc", "qemu-aarch64", hint=HINT)
-    exe = tmp_path_factory.mktemp("neon") / "driver"
-    csrc = ROOT / "csrc"
-    cmd = ["aarch64-linux-gnu-gcc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-static", f"-I{csrc}",
-           str(ROOT / "tests" / "neon" / "driver.c"), str(csrc / "fp16.c"), str(csrc / "staging.c"), "-o", str(exe)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-    def run(*args, data=b""):
-        # binfmt_misc is not mounted in every sandbox/CI: always go through qemu explicitly
-        p = subprocess.run(["qemu-aarch64", str(exe), *map(str, args)], input=data, capture_output=True,
-                           timeout=120)
-        assert p.returncode == 0, p.stderr.decode()
-        return p.stdout
-
-    return run
+    return build_driver(tmp_path_factory.mktemp("neon"), "driver", ["fp16.c", "staging.c"], ["-O2"])
 
 
 def test_driver_uses_neon(driver):

@@ -12,38 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "driver_io.h"
 #include "cpu_ops.h"
 #include "sim_ops.h"
-
-static unsigned char *read_all(size_t *len)
-{
-    size_t cap = 1 << 20, n = 0;
-    unsigned char *buf = malloc(cap);
-    for (;;) {
-        if (!buf)
-            return NULL;
-        size_t got = fread(buf + n, 1, cap - n, stdin);
-        n += got;
-        if (got == 0)
-            break;
-        if (n == cap) {
-            unsigned char *grown = realloc(buf, cap * 2);
-            if (!grown) {
-                free(buf);
-                return NULL;
-            }
-            buf = grown;
-            cap *= 2;
-        }
-    }
-    *len = n;
-    return buf;
-}
-
-static int write_all(const void *p, size_t bytes)
-{
-    return fwrite(p, 1, bytes, stdout) == bytes ? 0 : 1;
-}
 
 int main(int argc, char **argv)
 {
