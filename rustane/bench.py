@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="training throughput: sim fp32/fp16 vs PyTorch eager, null-backend overhead")
     t.add_argument("--preset", default="stories15m", choices=preset_names())
     t.add_argument("--accum", type=int, default=1, help="sequences per step")
-    t.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
+    t.add_argument("--steps", type=int, default=5, help="measured steps (median reported)")
     t.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     t.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     t.add_argument("--json", action="store_true", help="print one JSON object (default: a readable summary)")

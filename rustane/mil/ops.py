@@ -220,6 +220,15 @@ def _cdt(out: np.ndarray):
     return F32 if out.dtype.kind == "f" and out.dtype.itemsize <= 4 else out.dtype
 
 
+def _native_module():
+    """rustane.native, or None in a source tree without the compiled extensions (numpy only)."""
+    try:
+        from rustane import native
+    except ImportError:
+        return None
+    return native
+
+
 def _native_cast(src: np.ndarray, dst: np.ndarray) -> Callable | None:
     """rustane.native's fp16<->fp32 conversion (F16C/NEON, bit-exact with numpy's casts apart
     from NaN payloads) from ``src`` into ``dst`` when both are C-contiguous and the dtypes are
@@ -228,7 +237,9 @@ def _native_cast(src: np.ndarray, dst: np.ndarray) -> Callable | None:
     its result, they were most of the simulator's time."""
     if not (src.flags.c_contiguous and dst.flags.c_contiguous and src.shape == dst.shape):
         return None
-    from rustane import native
+    native = _native_module()
+    if native is None:
+        return None
 
     if src.dtype == F16 and dst.dtype == F32:
         return partial(native.f16_to_f32, src, dst)
@@ -272,9 +283,8 @@ def _cast_step(src: np.ndarray, dst: np.ndarray) -> Callable:
     fast = _native_cast(src, dst)
     if fast is None and src.dtype == F16 and dst.dtype == F32 and dst.flags.c_contiguous:
         win = _f16_window(src)  # a strided slice: the native 2-D reader (staging's unstage)
-        if win is not None:
-            from rustane import native
-
+        native = _native_module()
+        if win is not None and native is not None:
             root2d, row0, rows, col0, cols = win
             fast = partial(native.unstage, root2d, row0, rows, col0, cols, out=dst.reshape(rows, cols))
     return fast or partial(np.copyto, dst, src, casting="unsafe")
@@ -431,8 +441,10 @@ def _native_rows(name: str, x32: np.ndarray, o32: np.ndarray) -> Callable | None
     bound to row views of ``x32``/``o32``, or None when their layout has no such view (then the
     numpy composition runs). numpy spells sigmoid and softmax as 4-6 passes with temporaries:
     they were a fifth of the simulator's fp32 training step."""
-    from rustane import _cpu, cpu_ops
-
+    try:
+        from rustane import _cpu, cpu_ops
+    except ImportError:  # a source tree without the compiled extensions: numpy only
+        return None
     xv, ov = cpu_ops.rows_view(x32), cpu_ops.rows_view(o32)
     if xv is None or ov is None or xv.shape != ov.shape:
         return None
