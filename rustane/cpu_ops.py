@@ -145,8 +145,9 @@ def adamw_step(w: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, *,
 
 
 def optimizer_threads() -> int:
-    """Threads for the memory-bound optimizer passes: the CPUs this process may use, at most 4
-    (more do not add memory bandwidth on the machines measured); ``RUSTANE_OPT_THREADS`` overrides."""
+    """Threads for the memory-bound passes over big arrays (optimizer, cross-entropy): the CPUs
+    this process may use, at most 4 (more add little memory bandwidth); ``RUSTANE_OPT_THREADS``
+    overrides."""
     env = os.environ.get("RUSTANE_OPT_THREADS")
     if env:
         try:

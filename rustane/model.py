@@ -404,8 +404,9 @@ class Model:
                                          out=self._buf("xf", (D, S)), rrms=self._buf("rf", (S,)))
         # [V, S]; no dW is queued yet in this micro-step, so the classifier may use every core
         logits = self.threads.matmul_rows(w_head, xf, out=self._buf("logits", (V, S)))
+        # positions over up to 4 cores (same bits for any count): no dW of this micro-step yet
         loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
-                                              threads=self.threads.cpus if self.threads.enabled else 1)
+                                              threads=cpu_ops.optimizer_threads())
         # dx before the classifier's dW is queued: on the simulator the second core is still free
         # for it then, and the queue absorbs the dW while the layers' backward runs
         dxf = self.threads.matmul_rows(w_head.T, dlogits, out=self._buf("dxf", (D, S)))
