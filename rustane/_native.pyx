@@ -116,16 +116,23 @@ cdef _disjoint_arrays(str what_a, cnp.ndarray a, str what_b, cnp.ndarray b):
 
 # ---- conversion -------------------------------------------------------------------------------------
 
-def f32_to_f16(src, out=None):
-    cdef cnp.ndarray s = _checked(src, cnp.NPY_FLOAT32, "src", "float32", False)
+cdef tuple _conversion_arrays(object src, object out, int src_type, str src_name, int dst_type, str dst_name):
+    """Checked (src, out) of one conversion; out allocated like src when None."""
+    cdef cnp.ndarray s = _checked(src, src_type, "src", src_name, False)
     cdef cnp.ndarray o
     if out is None:
-        o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(s), cnp.PyArray_DIMS(s), cnp.NPY_FLOAT16, 0)
+        o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(s), cnp.PyArray_DIMS(s), dst_type, 0)
     else:
-        o = _checked(out, cnp.NPY_FLOAT16, "out", "float16", True)
+        o = _checked(out, dst_type, "out", dst_name, True)
         if out.shape != src.shape:
             raise ValueError(f"out has shape {out.shape} but src has shape {src.shape}; they must match")
         _disjoint_arrays("src", s, "out", o)
+    return s, o
+
+
+def f32_to_f16(src, out=None):
+    cdef cnp.ndarray s, o
+    s, o = _conversion_arrays(src, out, cnp.NPY_FLOAT32, "float32", cnp.NPY_FLOAT16, "float16")
     cdef size_t n = <size_t>cnp.PyArray_SIZE(s)
     cdef uint16_t *dp = <uint16_t *>cnp.PyArray_DATA(o)
     cdef const float *sp = <const float *>cnp.PyArray_DATA(s)
@@ -135,15 +142,8 @@ def f32_to_f16(src, out=None):
 
 
 def f16_to_f32(src, out=None):
-    cdef cnp.ndarray s = _checked(src, cnp.NPY_FLOAT16, "src", "float16", False)
-    cdef cnp.ndarray o
-    if out is None:
-        o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(s), cnp.PyArray_DIMS(s), cnp.NPY_FLOAT32, 0)
-    else:
-        o = _checked(out, cnp.NPY_FLOAT32, "out", "float32", True)
-        if out.shape != src.shape:
-            raise ValueError(f"out has shape {out.shape} but src has shape {src.shape}; they must match")
-        _disjoint_arrays("src", s, "out", o)
+    cdef cnp.ndarray s, o
+    s, o = _conversion_arrays(src, out, cnp.NPY_FLOAT16, "float16", cnp.NPY_FLOAT32, "float32")
     cdef size_t n = <size_t>cnp.PyArray_SIZE(s)
     cdef float *dp = <float *>cnp.PyArray_DATA(o)
     cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(s)

@@ -25,6 +25,9 @@ import os
 
 import numpy as np
 
+from rustane import array_views
+from rustane.cpu_threads import usable_cpus
+
 try:
     from rustane import _cpu
 except ImportError as exc:  # pragma: no cover - depends on the build
@@ -157,11 +160,7 @@ def optimizer_threads() -> int:
         if n < 1:
             raise ValueError(f"RUSTANE_OPT_THREADS must be a positive integer, got {env!r}")
         return n
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return max(1, min(4, usable_cpus()))
 
 
 def adamw_tensors(ws, grads, ms, vs, weight_decays, *, lr: float, step: int, beta1: float = 0.9,
@@ -181,20 +180,9 @@ def sumsq_tensors(arrays, threads: int | None = None) -> float:
 
 
 def rows_view(a: np.ndarray) -> np.ndarray | None:
-    """``a`` as a 2-D ``[rows, last axis]`` view without copying, or None when its layout does
-    not allow one (the C row ops need contiguous rows at one fixed stride; slices of a wider
-    buffer along the last axis qualify)."""
-    if a.ndim == 0 or a.dtype != np.float32:
-        return None
-    n = a.shape[-1]
-    v = a.view()
-    try:
-        v.shape = (-1, n) if n else (a.size, 0)
-    except AttributeError:  # numpy: would need a copy
-        return None
-    if n > 1 and v.strides[1] != 4:
-        return None
-    return v
+    """An fp32 ``a`` as a 2-D ``[rows, last axis]`` view (``rustane.array_views.rows_view``), or
+    None when it is not fp32 or has no such view; the C row ops take these."""
+    return array_views.rows_view(a) if a.dtype == np.float32 else None
 
 
 def _rows_call(fn, x: np.ndarray, out: np.ndarray | None) -> np.ndarray:

@@ -10,10 +10,11 @@ thread (the queue keeps its core, the main thread the other).
 
 ``StepThreads`` applies that policy for the duration of a step (``with threads.step():``): the
 BLAS library numpy links is held to ``cores − 1`` threads (never the queue's own library, which
-sets its thread count per job), and restored after. One matmul runs while the queue is idle and
-is big enough to matter — the classifier forward (``[V, D] @ [D, S]``: 4.7 GFLOP at V = 32000) —
-and ``matmul_rows`` splits it over the main thread and one helper so the second core is not idle.
-When disabled (ANE, null backend) both are plain: no limit, one matmul.
+sets its thread count per job), and restored after. The big pieces that run while the queue is
+idle use the other core explicitly: ``matmul_rows`` splits the classifier's ``E·xf`` and
+``Eᵀ·dlogits`` (4.7 GFLOP each at V = 32000) over the main thread and one helper, and
+``run_halves`` splits the weight re-staging. When disabled (ANE, null backend) all of this is
+plain: no limit, no helper.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -98,11 +100,7 @@ class StepThreads:
         if self._pool is None or a.shape[0] < 2:
             return np.matmul(a, b, out=out)
         h = a.shape[0] // 2
-        fut = self._pool.submit(np.matmul, a[:h], b, out=out[:h])
-        try:
-            np.matmul(a[h:], b, out=out[h:])
-        finally:
-            fut.result()
+        self._on_both(partial(np.matmul, a[:h], b, out=out[:h]), partial(np.matmul, a[h:], b, out=out[h:]))
         return out
 
     def run_halves(self, fn, jobs: list) -> None:
@@ -111,9 +109,14 @@ class StepThreads:
         if self._pool is None or len(jobs) < 2:
             fn(jobs)
             return
-        fut = self._pool.submit(fn, jobs[1::2])
+        self._on_both(partial(fn, jobs[1::2]), partial(fn, jobs[0::2]))
+
+    def _on_both(self, on_helper, here) -> None:
+        """Run ``on_helper()`` on the helper thread while ``here()`` runs on this one; return when
+        both are done (an error in either is raised here)."""
+        fut = self._pool.submit(on_helper)
         try:
-            fn(jobs[0::2])
+            here()
         finally:
             fut.result()
 

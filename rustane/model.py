@@ -318,6 +318,11 @@ class Model:
             items.append((sbuf, (slice(b.c0, b.c1), slice(b.col0, b.col1)), slice(t.c0, t.c1)))
         return dbuf, tuple(items)
 
+    def _wait_queue(self) -> None:
+        t0 = time.perf_counter()
+        self.queue.wait()
+        self.timer.seconds["dw_wait"] += time.perf_counter() - t0
+
     def _dw(self, grad: np.ndarray, dy: np.ndarray, x: np.ndarray) -> None:
         """Queue ``grad += dy · xᵀ``. dy and x are arrays nobody writes again before the next wait,
         so the queue needs no snapshot (it keeps references to them until the wait)."""
@@ -381,9 +386,7 @@ class Model:
         tokens = self._check_tokens(tokens, "tokens")
         targets = self._check_tokens(targets, "targets")
         if self._ws.next_micro_step():
-            t0 = time.perf_counter()
-            self.queue.wait()
-            self.timer.seconds["dw_wait"] += time.perf_counter() - t0
+            self._wait_queue()
         self._training = True
         try:
             with self.threads.step():
@@ -402,9 +405,9 @@ class Model:
         w_head = self.params[self.head_name]
         xf, rf = cpu_ops.rmsnorm_forward(x, self.params["model.norm.weight"], cfg.norm_eps,
                                          out=self._buf("xf", (D, S)), rrms=self._buf("rf", (S,)))
-        # [V, S]; no dW is queued yet in this micro-step, so the classifier may use every core
-        logits = self.threads.matmul_rows(w_head, xf, out=self._buf("logits", (V, S)))
-        # positions over up to 4 cores (same bits for any count): no dW of this micro-step yet
+        # no dW of this micro-step is queued yet, so the classifier and the CE may use every core
+        # (CE: positions over up to 4 threads, the same bits for any count)
+        logits = self.threads.matmul_rows(w_head, xf, out=self._buf("logits", (V, S)))  # [V, S]
         loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
                                               threads=cpu_ops.optimizer_threads())
         # dx before the classifier's dW is queued: on the simulator the second core is still free
@@ -491,10 +494,8 @@ class Model:
 
     def finish_gradients(self) -> dict[str, np.ndarray]:
         """Wait for the dW queue and fold the embedding-input gradient in; returns ``self.grads``."""
-        t0 = time.perf_counter()
-        self.queue.wait()
+        self._wait_queue()
         self._ws.drained()
-        self.timer.seconds["dw_wait"] += time.perf_counter() - t0
         if self._g_embed_in is not self.grads[self.embed_name]:
             self.grads[self.embed_name] += self._g_embed_in
             self._g_embed_in.fill(0)

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rustane.array_views import memory_root, rows_view
+
 from . import ast as A
 from .interp import F16, F32, MilPlanError, Node, ValueInfo, storage_dtype
 
@@ -220,13 +222,15 @@ def _cdt(out: np.ndarray):
     return F32 if out.dtype.kind == "f" and out.dtype.itemsize <= 4 else out.dtype
 
 
-def _native_module():
-    """rustane.native, or None in a source tree without the compiled extensions (numpy only)."""
+def _extension(name: str):
+    """``rustane.<name>`` (a module backed by the compiled extensions), or None in a source tree
+    without them: the interpreter then runs numpy only."""
+    import importlib
+
     try:
-        from rustane import native
+        return importlib.import_module(f"rustane.{name}")
     except ImportError:
         return None
-    return native
 
 
 def _native_cast(src: np.ndarray, dst: np.ndarray) -> Callable | None:
@@ -237,7 +241,7 @@ def _native_cast(src: np.ndarray, dst: np.ndarray) -> Callable | None:
     its result, they were most of the simulator's time."""
     if not (src.flags.c_contiguous and dst.flags.c_contiguous and src.shape == dst.shape):
         return None
-    native = _native_module()
+    native = _extension("native")
     if native is None:
         return None
 
@@ -255,17 +259,11 @@ def _f16_window(a: np.ndarray):
     weights inside its input tensor) are such windows; transposes are not."""
     if a.ndim == 0 or a.size == 0:
         return None
-    cols = a.shape[-1]
-    v = a.view()
-    try:
-        v.shape = (-1, cols)
-    except AttributeError:
+    v = rows_view(a)
+    if v is None:
         return None
-    if cols > 1 and v.strides[1] != 2:
-        return None
-    root = a
-    while isinstance(root.base, np.ndarray):
-        root = root.base
+    cols = v.shape[1]
+    root = memory_root(a)
     ld = v.strides[0] // 2 if v.shape[0] > 1 else cols
     if root.dtype != F16 or not root.flags.c_contiguous or ld < cols or v.strides[0] % 2 or root.size % ld:
         return None
@@ -283,7 +281,7 @@ def _cast_step(src: np.ndarray, dst: np.ndarray) -> Callable:
     fast = _native_cast(src, dst)
     if fast is None and src.dtype == F16 and dst.dtype == F32 and dst.flags.c_contiguous:
         win = _f16_window(src)  # a strided slice: the native 2-D reader (staging's unstage)
-        native = _native_module()
+        native = _extension("native")
         if win is not None and native is not None:
             root2d, row0, rows, col0, cols = win
             fast = partial(native.unstage, root2d, row0, rows, col0, cols, out=dst.reshape(rows, cols))
@@ -298,9 +296,7 @@ def _f32(a: np.ndarray, bctx, i: int) -> tuple[np.ndarray, Callable | None]:
     if bctx.consts[i]:
         return a.astype(F32), None
     if a.dtype == F16 and not a.flags.c_contiguous:
-        root = a
-        while isinstance(root.base, np.ndarray):
-            root = root.base
+        root = memory_root(a)
         if (root.dtype == F16 and root.flags.c_contiguous and root.size == a.size
                 and root.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
             # a transpose of a whole buffer: widen the buffer in memory order (natively) and
@@ -441,14 +437,13 @@ def _native_rows(name: str, x32: np.ndarray, o32: np.ndarray) -> Callable | None
     bound to row views of ``x32``/``o32``, or None when their layout has no such view (then the
     numpy composition runs). numpy spells sigmoid and softmax as 4-6 passes with temporaries:
     they were a fifth of the simulator's fp32 training step."""
-    try:
-        from rustane import _cpu, cpu_ops
-    except ImportError:  # a source tree without the compiled extensions: numpy only
+    cpu = _extension("_cpu")
+    if cpu is None or x32.dtype != F32 or o32.dtype != F32:
         return None
-    xv, ov = cpu_ops.rows_view(x32), cpu_ops.rows_view(o32)
+    xv, ov = rows_view(x32), rows_view(o32)
     if xv is None or ov is None or xv.shape != ov.shape:
         return None
-    return partial(getattr(_cpu, name), xv, ov)
+    return partial(getattr(cpu, name), xv, ov)
 
 
 def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], dtype: str | None = None,
