@@ -406,8 +406,7 @@ double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlog
     double *col_loss = malloc((size_t)S * sizeof(double));
     if (!col_loss) return NAN;
     /* column blocks of a multiple of 8 positions (whole vectors), at least 32 each */
-    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (nt > S / 32) nt = S / 32 > 0 ? S / 32 : 1;
+    const int nt = clamp_threads(threads, (size_t)S, 32);
     struct ce_part parts[MAX_THREADS];
     int c0 = 0;
     for (int i = 0; i < nt; i++) {
