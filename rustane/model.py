@@ -96,7 +96,8 @@ class _Workspace:
     reused memory, ~25 ms of the simulator's Stories15M step. The dW queue keeps references to
     some of these arrays until it is waited on (before the optimizer), so micro-steps alternate
     between two sets, and a micro-step about to reuse a set the queue may still read waits for
-    the queue first (with accum >= 3 only; by then it had a whole micro-step to drain)."""
+    the queue first (the third, fifth, ... micro-step; by then it had a whole micro-step to
+    drain)."""
 
     def __init__(self):
         self._sets: tuple[dict, dict] = ({}, {})
@@ -104,10 +105,16 @@ class _Workspace:
         self.micro = 0  # micro-steps since the queue was last drained
 
     def next_micro_step(self) -> bool:
-        """Switch sets; True when the caller must drain the dW queue before writing."""
+        """Switch sets; True when the caller must drain the dW queue before writing (the set was
+        written two micro-steps ago). After that drain only the current micro-step's arrays are
+        in the queue's hands, so the count restarts at 1 and the next micro-step (the other set)
+        need not wait: with long accumulation every second micro-step drains, not every one."""
         self._cur = self._sets[self.micro % 2]
         self.micro += 1
-        return self.micro > 2
+        if self.micro > 2:
+            self.micro = 1
+            return True
+        return False
 
     def drained(self) -> None:
         self.micro = 0

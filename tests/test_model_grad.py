@@ -102,11 +102,12 @@ class _LaggingQueue:
 
 
 def test_accumulation_survives_a_lagging_dw_queue():
-    """Four micro-steps (the third and fourth reuse the workspace sets of the first two) with a
-    queue that lags a whole step behind: gradients still match autograd."""
+    """Five micro-steps (the third to fifth reuse the workspace sets of earlier ones; the third
+    and fifth must drain the queue first) with a queue that runs nothing until it is waited on:
+    gradients still match autograd."""
     cfg = CONFIGS["mha"]
     params = _params(cfg, seed=7)
-    x, y = _batch(cfg, seed=8, n=4)
+    x, y = _batch(cfg, seed=8, n=5)
     _, ref = _reference(cfg, params, x, y)
     model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
     model.queue = _LaggingQueue()
