@@ -248,8 +248,8 @@ def _stories(dim: int, hidden: int, layers: int, heads: int) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=96, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                 seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
+    "tiny": dict(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                 seq_len=192, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
     "stories15m": _stories(288, 768, 6, 6),
     "stories42m": _stories(512, 1376, 8, 8),
     "stories110m": _stories(768, 2048, 12, 12),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rustane import cpu_ops, cpu_threads, kernels, native
+from rustane import ane_guard, cpu_ops, cpu_threads, kernels, native
 from rustane.config import ModelConfig
 
 # kernel input block name -> HF parameter suffix (within model.layers.{i}.)
@@ -170,6 +170,9 @@ class Model:
         self.backend = backend
         self.shape = kernel_shape(cfg, program_dtype(backend))
         self.plan = kernels.plan_for(self.shape)
+        # refuse before any compile what would break an ANE rule on the backend's chip profile
+        profile = ane_guard.backend_profile(backend)
+        self.ane_warnings = ane_guard.require_config(cfg, profile) if profile is not None else []
         self.params = params if params is not None else init_params(cfg, seed)
         want = cfg.param_shapes()
         for k, shp in want.items():
