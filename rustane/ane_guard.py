@@ -85,32 +85,52 @@ def plan_breaches(plan, profile: Profile, inner_dims: bool = True) -> list[Breac
 
 
 def _program_breaches(name, spec, p: Profile) -> list[Breach]:
+    found: dict[tuple, Breach] = {}
+    for st_name, op, dims, inner in _program_facts(spec):
+        big = [d for d in dims if d > p.max_dim]
+        if big and ("max-dim", st_name) not in found:
+            found[("max-dim", st_name)] = Breach("max-dim", name, st_name, f"dimension {big[0]} of {st_name}",
+                                                 f"is above {p.max_dim}", p.enforces("max-dim"))
+        if op in p.rejected_ops:
+            rule = "cast-op" if op == "cast" else "matmul-op"
+            found.setdefault((rule, op), Breach(rule, name, st_name, f"op {op}", f"is rejected on {p.name}",
+                                                p.enforces(rule)))
+        if inner is not None and inner % p.matmul_inner_multiple:
+            found.setdefault(("matmul-inner", inner), Breach(
+                "matmul-inner", name, st_name, f"matmul {st_name} contraction dim {inner}",
+                f"is not a multiple of {p.matmul_inner_multiple}", p.enforces("matmul-inner")))
+    return list(found.values())
+
+
+_FACTS: dict[tuple, tuple] = {}
+
+
+def _program_facts(spec) -> tuple:
+    """(value name, op, shape, matmul contraction dim or None) per statement of the rendered
+    kernel: the profile-independent part, parsed once per template and parameters."""
+    key = (spec.template, tuple(sorted(spec.params.items())))
+    if key not in _FACTS:
+        if len(_FACTS) > 512:
+            _FACTS.clear()
+        _FACTS[key] = _parse_facts(spec)
+    return _FACTS[key]
+
+
+def _parse_facts(spec) -> tuple:
     from rustane.kernels import render
     from rustane.mil.parser import parse
 
     fn = parse(render(spec)).functions["main"]
     types = {q.name: q.type for q in fn.params}
     consts: dict = {}
-    found: dict[tuple, Breach] = {}
+    facts = []
     for st in fn.body:
         types[st.name] = st.type
         if st.is_const and "val" in st.attrs:
             consts[st.name] = st.attrs["val"].value
-        big = [d for d in st.type.shape if d > p.max_dim]
-        if big and ("max-dim", st.name) not in found:
-            found[("max-dim", st.name)] = Breach("max-dim", name, st.name, f"dimension {big[0]} of {st.name}",
-                                                 f"is above {p.max_dim}", p.enforces("max-dim"))
-        if st.op in p.rejected_ops:
-            rule = "cast-op" if st.op == "cast" else "matmul-op"
-            found.setdefault((rule, st.op), Breach(rule, name, st.name, f"op {st.op}",
-                                                   f"is rejected on {p.name}", p.enforces(rule)))
-        if st.op == "matmul":
-            k = matmul_inner_dim(st, types, consts)
-            if k is not None and k % p.matmul_inner_multiple:
-                found.setdefault(("matmul-inner", k), Breach(
-                    "matmul-inner", name, st.name, f"matmul {st.name} contraction dim {k}",
-                    f"is not a multiple of {p.matmul_inner_multiple}", p.enforces("matmul-inner")))
-    return list(found.values())
+        inner = matmul_inner_dim(st, types, consts) if st.op == "matmul" else None
+        facts.append((st.name, st.op, tuple(st.type.shape), inner))
+    return tuple(facts)
 
 
 def matmul_inner_dim(st, types, consts) -> int | None:
@@ -146,36 +166,53 @@ def _shape_breaches(shape, profile: Profile, inner_dims: bool) -> tuple[Breach, 
     return tuple(plan_breaches(plan_for(shape), profile, inner_dims))
 
 
+#: Config fields that can clear a breach of each rule, most likely first (none for the rules that
+#: depend on the chip alone: no config change helps there).
+BLAME = {
+    "min-surface": ("seq_len", "dim", "hidden_dim"),
+    "min-width": ("seq_len", "hidden_dim", "dim"),
+    "zero-width": ("seq_len",),
+    "width-multiple": ("seq_len", "hidden_dim", "dim", "head_dim"),
+    "max-width": ("seq_len", "hidden_dim"),
+    "max-dim": ("seq_len", "head_dim"),
+    "matmul-inner": ("head_dim", "dim", "hidden_dim"),
+}
+#: How many nearby values are tried per field before giving up on a suggestion.
+MAX_TRIES = 24
+
+
 def _fixes(cfg, profile: Profile, breach: Breach) -> tuple[str | None, list[int]]:
     """(field to blame, up to two nearby values of it that clear every enforced breach)."""
-    current = {b.key for b in config_breaches(cfg, profile) if b.enforced}
-    for f in FIELDS:
+    fields = BLAME.get(breach.rule, ())
+    for f in fields:
         v = getattr(cfg, f)
         found: list[int] = []
-        for cand in _candidates(v, profile):
+        for cand in _candidates(v, profile)[:MAX_TRIES]:
             trial = _replaced(cfg, f, cand)
             if trial is None:
                 continue
             try:
-                keys = {b.key for b in config_breaches(trial, profile, inner_dims=False) if b.enforced}
+                left = [b for b in config_breaches(trial, profile, inner_dims=breach.rule in ("matmul-inner", "max-dim"))
+                        if b.enforced]
             except (ValueError, ConfigError):
                 continue
-            if breach.key not in keys and not keys - current and not any(
-                    k[0] in ("min-surface", "min-width", "zero-width", "width-multiple", "max-width") for k in keys):
+            if not left:
                 found.append(cand)
             if len(found) == 2:
                 break
         if found:
             return f, found
-    return None, []
+    return (fields[0] if fields else None), []
 
 
 def _candidates(v: int, profile: Profile) -> list[int]:
+    """Nearby multiples of 16 (the width multiple), nearest first, larger first at equal distance;
+    then doublings, for limits far away (the surface minimum)."""
     m = profile.width_multiple
-    up = [x for x in range(m * math.ceil(v / m), m * math.ceil(v / m) + 64 * m, m) if x != v and x > 0]
-    down = [x for x in range(m * (v // m), 0, -m) if x != v][:4]
-    # the nearest first, larger before smaller at equal distance
-    return sorted(set(up + down), key=lambda x: (abs(x - v), -x))
+    near = [x for x in range(max(m, m * (v // m) - 4 * m), m * math.ceil(v / m) + 8 * m, m) if x != v]
+    near.sort(key=lambda x: (abs(x - v), -x))
+    far = [m * math.ceil(v * f / m) for f in (1.5, 2, 3, 4, 6, 8)]
+    return list(dict.fromkeys(near[:12] + [x for x in far if x != v]))
 
 
 def _replaced(cfg, field_name: str, value: int):
