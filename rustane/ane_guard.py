@@ -108,7 +108,7 @@ _FACTS: dict[tuple, tuple] = {}
 def _program_facts(spec) -> tuple:
     """(value name, op, shape, matmul contraction dim or None) per statement of the rendered
     kernel: the profile-independent part, parsed once per template and parameters."""
-    key = (spec.template, tuple(sorted(spec.params.items())))
+    key = (str(spec.template_dir), spec.template, tuple(sorted(spec.params.items())))
     if key not in _FACTS:
         if len(_FACTS) > 512:
             _FACTS.clear()
@@ -117,8 +117,8 @@ def _program_facts(spec) -> tuple:
 
 
 def _parse_facts(spec) -> tuple:
-    from rustane.kernels import render
     from rustane.mil.parser import parse
+    from rustane.runtime.plan import render
 
     fn = parse(render(spec)).functions["main"]
     types = {q.name: q.type for q in fn.params}
@@ -148,22 +148,17 @@ def matmul_inner_dim(st, types, consts) -> int | None:
     return xt.shape[-2] if bool(flag) else xt.shape[-1]
 
 
-def _shape_of(cfg, dtype: str = "fp16"):
-    from rustane.model import kernel_shape
-
-    return kernel_shape(cfg, dtype)
-
-
 def config_breaches(cfg, profile: Profile, inner_dims: bool = True) -> list[Breach]:
     """The breaches of the training kernels ``cfg`` needs (fp16, as the ANE runs them)."""
-    return list(_shape_breaches(_shape_of(cfg), profile, inner_dims))
+    from rustane import models
+
+    family = models.family_for(cfg)
+    return list(_shape_breaches(family, family.kernel_shape(cfg, "fp16"), profile, inner_dims))
 
 
 @functools.lru_cache(maxsize=256)
-def _shape_breaches(shape, profile: Profile, inner_dims: bool) -> tuple[Breach, ...]:
-    from rustane.kernels import plan_for
-
-    return tuple(plan_breaches(plan_for(shape), profile, inner_dims))
+def _shape_breaches(family, shape, profile: Profile, inner_dims: bool) -> tuple[Breach, ...]:
+    return tuple(plan_breaches(family.plan_for(shape), profile, inner_dims))
 
 
 #: Config fields that can clear a breach of each rule, most likely first (none for the rules that

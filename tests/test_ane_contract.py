@@ -568,7 +568,7 @@ def test_fp16_bytes_match_the_sim_backend_sdpa_fwd(backend):
     """A real training kernel (sdpaFwd, with RoPE and mask BLOBFILEs) through the whole ANE path."""
     from rustane import kernels
 
-    spec = kernels.plan_for(dim=16, hidden=32, n_heads=2, n_kv_heads=1, head_dim=8, seq=8)["sdpaFwd"]
+    spec = kernels.plan_for(dim=16, hidden_dim=32, n_heads=2, n_kv_heads=1, head_dim=8, seq_len=8)["sdpaFwd"]
     mil = kernels.render(spec)
     rng = np.random.default_rng(2)
     x = (rng.standard_normal(spec.in_shape[1:2] + spec.in_shape[3:4]) * 0.5).astype(np.float16)
