@@ -27,7 +27,7 @@ from rustane import backends  # noqa: E402
 from rustane import kernels as K  # noqa: E402
 
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-STORIES = dict(dim=768, hidden=2048, n_heads=12, n_kv_heads=12, head_dim=64, seq=256, rope_theta=1e4,
+STORIES = dict(dim=768, hidden_dim=2048, n_heads=12, n_kv_heads=12, head_dim=64, seq_len=256, rope_theta=1e4,
                residual_alpha=1 / np.sqrt(24))
 
 
@@ -71,9 +71,9 @@ class Ops:
 
 
 def _consts(shape: K.KernelShape, o: Ops):
-    cos, sin = K.rope_tables(shape.seq, shape.head_dim, shape.rope_theta)
+    cos, sin = K.rope_tables(shape.seq_len, shape.head_dim, shape.rope_theta)
     return dict(cos=cos.astype(F16).astype(o.dt), sin=sin.astype(F16).astype(o.dt),
-                mask=K.causal_mask(shape.seq).astype(o.dt),
+                mask=K.causal_mask(shape.seq_len).astype(o.dt),
                 scale=o.dt.type(K.attention_scale(shape.head_dim)), alpha=o.dt.type(np.float16(shape.residual_alpha)),
                 neg1=o.dt.type(-1.0), one=o.dt.type(1.0))
 
@@ -98,8 +98,8 @@ def _rope(o, xh, c):
 def direct(name: str, spec: K.KernelSpec, shape: K.KernelShape, o: Ops, c: dict, x: np.ndarray) -> np.ndarray:
     """Kernel ``name`` as direct numpy calls on the packed input ``x`` [C, W] (fp16)."""
     x = x.astype(o.dt, copy=False)
-    S, NH, NKV, HD = shape.seq, shape.n_heads, shape.n_kv_heads, shape.head_dim
-    R, QD, KVD = shape.group, shape.q_dim, shape.kv_dim
+    S, NH, NKV, HD = shape.seq_len, shape.n_heads, shape.n_kv_heads, shape.head_dim
+    R, QD, KVD = shape.gqa_ratio, shape.q_dim, shape.kv_dim
     b = {blk.name: x[blk.c0:blk.c1, blk.col0:blk.col1] for blk in spec.blocks}
     if name == "sdpaFwd":
         q = _heads(_lin(o, b["xn"], b["wq"]), NH, HD, S)
@@ -169,19 +169,19 @@ def _inputs(spec: K.KernelSpec, shape: K.KernelShape, rng) -> np.ndarray:
     arrays = {b.name: rng.standard_normal(b.source_shape).astype(np.float32) * (0.05 if b.kind == "weight" else 1.0)
               for b in spec.blocks}
     if spec.name == "sdpaBwd2":  # realistic P rows (a causal softmax) and moderate dP
-        from_scores = rng.standard_normal((shape.n_heads, shape.seq, shape.seq)) + K.causal_mask(shape.seq)
+        from_scores = rng.standard_normal((shape.n_heads, shape.seq_len, shape.seq_len)) + K.causal_mask(shape.seq_len)
         e = np.exp(from_scores - from_scores.max(-1, keepdims=True))
-        arrays["P"] = (e / e.sum(-1, keepdims=True)).reshape(-1, shape.seq)
+        arrays["P"] = (e / e.sum(-1, keepdims=True)).reshape(-1, shape.seq_len)
         arrays["dP"] *= 0.1
     return K.pack_input(spec, arrays)
 
 
 def bench(repeats: int, seq: int) -> dict:
     rng = np.random.default_rng(0)
-    mha = K.KernelShape(**{**STORIES, "seq": seq})
-    gqa = K.KernelShape(**{**STORIES, "seq": seq, "n_kv_heads": 4})
+    mha = K.KernelShape(**{**STORIES, "seq_len": seq})
+    gqa = K.KernelShape(**{**STORIES, "seq_len": seq, "n_kv_heads": 4})
     jobs = [(mha, n) for n in K.plan_for(mha)] + [(gqa, "qBwd"), (gqa, "kvBwd")]
-    result: dict = {"shape": {**STORIES, "seq": seq}, "gqa_variant_for": ["qBwd", "kvBwd"], "gqa_n_kv_heads": 4,
+    result: dict = {"shape": {**STORIES, "seq_len": seq}, "gqa_variant_for": ["qBwd", "kvBwd"], "gqa_n_kv_heads": 4,
                     "repeats": repeats, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
                     "kernels": {}}
     for shape, name in jobs:

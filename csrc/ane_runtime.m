@@ -72,7 +72,10 @@ typedef BOOL (*msg_unload_fn)(id, SEL, unsigned int qos, NSError **error);
 struct ane_model {
     id model;                /* _ANEInMemoryModel, retained */
     int loaded;
-    char hex[128];
+    /* -hexStringIdentifier: three 64-digit SHA-256 hex strings joined by '_' (194 characters, see
+     * docs/ane-rules.md, "model identifier"). Heap copy of whatever length it has: a fixed buffer
+     * sized to what we expected is exactly the bug that once stopped every compile. */
+    char *hex;
     char tmpdir[PATH_MAX];
 };
 
@@ -276,10 +279,12 @@ static const char *weight_relpath(const char *key)
     return key + sizeof "@model_path/" - 1;
 }
 
+/* The id becomes one path component under NSTemporaryDirectory(), so it must be a plain file name:
+ * any length the file system takes (NAME_MAX), no '/', no '.' or '..'. */
 static int valid_hex_id(const char *hex)
 {
     size_t n = strlen(hex);
-    if (n == 0 || n >= sizeof(((struct ane_model *)0)->hex))
+    if (n == 0 || n > NAME_MAX)
         return 0;
     for (const char *p = hex; *p; p++)
         if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || *p == '_' ||
@@ -473,6 +478,7 @@ static void model_dispose(ane_model *m)
         m->model = nil;
     }
     release_tmpdir(m, NULL);
+    free(m->hex);
     free(m);
 }
 
@@ -532,11 +538,15 @@ ane_model *ane_compile(const char *mil, size_t mil_len, size_t n_weights, const 
             NSString *hex = SEND(msg_getter_fn)(model, @selector(hexStringIdentifier));
             const char *hex_c = [hex isKindOfClass:[NSString class]] ? [hex UTF8String] : NULL;
             if (!hex_c || !valid_hex_id(hex_c)) {
-                set_error(err, stage, ANE_E_NIL_RESULT, "-hexStringIdentifier gave no usable id (%s)",
+                set_error(err, stage, ANE_E_NIL_RESULT, "-hexStringIdentifier gave no usable id (%.300s)",
                           hex_c ? hex_c : "nil");
                 goto done;
             }
-            snprintf(m->hex, sizeof m->hex, "%s", hex_c);
+            m->hex = strdup(hex_c);
+            if (!m->hex) {
+                set_error(err, stage, ANE_E_OS, "out of memory");
+                goto done;
+            }
             NSString *tmp = NSTemporaryDirectory();
             const char *tmp_c = tmp ? [tmp fileSystemRepresentation] : NULL;
             if (!tmp_c) {

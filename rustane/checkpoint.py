@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rustane import models
 from rustane.config import ModelConfig
 
 __all__ = [
@@ -49,7 +50,6 @@ FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
 CONFIG_FILE, STATE_FILE = "config.json", "trainer_state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_QK = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k)_proj\.weight$")
 
 
 class CheckpointError(RuntimeError):
@@ -70,50 +70,20 @@ class Checkpoint:
         return int(self.trainer_state.get("step", 0))
 
 
-# ---- RoPE convention permutation ------------------------------------------------------------
+# ---- the family's parameter conventions at the HF boundary ---------------------------------
 
-def permute_for_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q/k projection ``[n_heads·HD, IN]`` from interleaved pairs to rotate_half.
-
-    Ours pairs rows ``(2i, 2i+1)`` of a head; HF pairs ``(i, i + HD/2)``. So HF row ``i`` is our
-    row ``2i`` and HF row ``i + HD/2`` is our row ``2i + 1``.
-    """
-    rows, cols = w.shape
-    hd = rows // n_heads
-    if rows % n_heads or hd % 2:
-        raise ValueError(f"permute_for_hf: {rows} rows do not split into {n_heads} heads of even size")
-    return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
-
-
-def unpermute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of ``permute_for_hf``."""
-    rows, cols = w.shape
-    hd = rows // n_heads
-    if rows % n_heads or hd % 2:
-        raise ValueError(f"unpermute_from_hf: {rows} rows do not split into {n_heads} heads of even size")
-    return np.ascontiguousarray(w.reshape(n_heads, 2, hd // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols))
-
-
-def _heads_for(name: str, cfg: ModelConfig) -> int:
-    return cfg.n_heads if ".q_proj." in name else cfg.n_kv_heads
+# the q/k row permutation is the Llama family's (rustane.models.llama.params); kept importable here
+from rustane.models.llama.params import permute_for_hf, unpermute_from_hf  # noqa: E402
 
 
 def to_hf_params(params: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our parameter dict -> HF tensors (q/k rows permuted, fp32, contiguous)."""
-    out = {}
-    for k, v in params.items():
-        a = np.ascontiguousarray(v, dtype=np.float32)
-        out[k] = permute_for_hf(a, _heads_for(k, cfg)) if _QK.match(k) else a
-    return out
+    """Our parameter dict -> HF tensors (the family's conventions, e.g. Llama's q/k row order)."""
+    return models.family_for(cfg).to_hf_params(params, cfg)
 
 
 def from_hf_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """HF tensors -> our parameter dict (q/k rows un-permuted, fp32)."""
-    out = {}
-    for k, v in tensors.items():
-        a = np.ascontiguousarray(v, dtype=np.float32)
-        out[k] = unpermute_from_hf(a, _heads_for(k, cfg)) if _QK.match(k) else a
-    return out
+    """HF tensors -> our parameter dict."""
+    return models.family_for(cfg).from_hf_params(tensors, cfg)
 
 
 # ---- low-level file helpers -----------------------------------------------------------------
@@ -266,7 +236,7 @@ def load(path: str | os.PathLike, expected: ModelConfig | None = None, *,
             raise CheckpointError(f"{p / STATE_FILE}: config_hash does not match its config (edited?)")
     else:
         try:
-            cfg = ModelConfig.from_hf_dict(_read_json(p / CONFIG_FILE))
+            cfg = models.config_from_hf(_read_json(p / CONFIG_FILE))
         except ValueError as exc:
             raise CheckpointError(f"{p / CONFIG_FILE}: {exc}") from exc
     if expected is not None:

@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from rustane import checkpoint
+from rustane import checkpoint, models
 from rustane.config import ModelConfig, preset
-from rustane.model import Model
-from rustane.optim import AdamW, CosineSchedule, apply_update, make_loss_scaler
+from rustane.optim import AdamW, CosineSchedule, make_loss_scaler
+from rustane.runtime.model import Model
 
 log = logging.getLogger("rustane.engine")
 
@@ -112,12 +112,9 @@ def make_backend(name: str = "auto", precision: str = "fp16"):
 
 
 def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
-    """Matmul FLOPs of all kernel evals for one sequence (forward + backward dx, no dW)."""
-    S, D, H, QD, KVD = cfg.seq_len, cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim
-    linear = 2 * S * (D * QD + 2 * D * KVD + QD * D + 3 * D * H)  # q,k,v,o + w1,w3,w2
-    attn_fwd = 4 * S * S * QD  # scores + P·V
-    attn_bwd = 10 * S * S * QD  # recomputed scores, dV, dP, dQ, dK
-    return float(cfg.n_layers * (2 * linear + attn_fwd + attn_bwd))
+    """Matmul FLOPs of all kernel evals for one sequence (forward + backward dx, no dW): the
+    family's plan knows them."""
+    return models.family_for(cfg).flops_per_sequence(cfg)
 
 
 class Engine:
@@ -190,16 +187,10 @@ class Engine:
         t_start = time.perf_counter()
         scale = self.scaler.scale
         losses = [m.forward_backward(x[i], y[i], loss_scale=scale) for i in range(len(x))]
-        grads = m.finish_gradients()
-        t0 = time.perf_counter()
         lr = self.schedule(self.step)
-        info = apply_update(self.optimizer, grads, self.scaler, lr, max_norm=self.train_config.clip,
-                            accum=len(x), zero_grads=True)
-        if info.applied:
-            m.stage_weights()
-        else:
-            m.zero_grads()
-        timer.seconds["optimizer"] += time.perf_counter() - t0
+        # the model finishes the gradients, updates and re-stages its weights (or drops the
+        # gradients of a skipped update)
+        info = m.optimizer_step(self.optimizer, self.scaler, lr, max_norm=self.train_config.clip, accum=len(x))
         self.step += 1
         seconds = time.perf_counter() - t_start
         return StepStats(step=self.step, loss=float(np.mean(losses)), lr=lr, grad_norm=info.grad_norm,

@@ -162,7 +162,13 @@ class Fake:
             getattr(lib, fn).restype = ctypes.c_size_t
         lib.fakeane_live_objects.restype = ctypes.c_long
         lib.fakeane_fail_next.argtypes = [ctypes.c_char_p, ctypes.c_long, ctypes.c_int]
+        lib.fakeane_sha256_hex.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
         self.lib = lib
+
+    def sha256_hex(self, data: bytes) -> str:
+        out = ctypes.create_string_buffer(65)
+        self.lib.fakeane_sha256_hex(data, len(data), out)
+        return out.value.decode()
 
     def reset(self) -> None:
         self.lib.fakeane_reset()
@@ -240,8 +246,24 @@ def _tmp_root() -> Path:
     return root
 
 
+#: the shape of -hexStringIdentifier (docs/ane-rules.md, "model identifier")
+MODEL_ID = re.compile(r"[0-9A-F]{64}_[0-9A-F]{64}_[0-9A-F]{64}")
+
+
+def framework_model_id(mil: str, blobs: dict[str, bytes]) -> str:
+    """The identifier as the decompiled framework derives it, computed with hashlib: SHA-256 of the
+    MIL bytes, of four zero bytes then each weight's data in key order, and of the (absent) options."""
+    import hashlib
+
+    weights = hashlib.sha256(b"\0\0\0\0")
+    for key in sorted(blobs):
+        weights.update(blobs[key])
+    parts = (hashlib.sha256(mil.encode()).hexdigest(), weights.hexdigest(), hashlib.sha256(b"").hexdigest())
+    return "_".join(p.upper() for p in parts)
+
+
 def _leftover_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("FAKE*"))
+    return sorted(p.name for p in root.iterdir() if MODEL_ID.fullmatch(p.name))
 
 
 @fake_only
@@ -301,13 +323,60 @@ def test_weights_and_temp_dir(backend):
     assert stat.S_IMODE((tmp / "weights").stat().st_mode) == 0o700
     assert (tmp / "model.mil").read_text() == weighted_mil()
     assert (tmp / "weights" / "w.bin").read_bytes() == blob
-    for f in ("model.mil", "weights/w.bin"):
-        assert stat.S_IMODE((tmp / f).stat().st_mode) == 0o600
+    # model.mil is rewritten by the framework's own -saveModelFiles during compile (its mode is then
+    # the framework's); the weight file stays the runtime's
+    assert stat.S_IMODE((tmp / "weights" / "w.bin").stat().st_mode) == 0o600
     if MODE == "fake":
         assert (tmp / "net.plist").exists()  # written by the fake compiler, must go too
+        assert (tmp / "data").read_bytes() == blob  # -saveModelFiles: <hex>/data, must go too
     k.close()
     assert not tmp.exists()
     k.close()  # idempotent
+
+
+def test_model_id_is_the_frameworks_194_character_identifier(backend):
+    """Compile, load and evaluate with the real identifier shape (three SHA-256 digests, 194
+    characters), and the temp dir is named by exactly the id the framework derives."""
+    from rustane.mil.blob import write_blob
+
+    w = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 4, 1, 8).astype(np.float16)
+    blobs = {"@model_path/weights/w.bin": write_blob(w)}
+    k = backend.compile(weighted_mil(), blobs, "id")
+    name = Path(k.tmpdir).name
+    assert len(name) == 194 and MODEL_ID.fullmatch(name), name
+    assert name == framework_model_id(weighted_mil(), blobs)
+    x = k.alloc(k.inputs[0])
+    outs = [k.alloc(s) for s in k.outputs]
+    x.write(np.ones((4, 8), np.float16))
+    k.request([x], outs).eval()
+    u = next(o for o, s in zip(outs, k.outputs) if s.name == "u").read()
+    np.testing.assert_array_equal(u, np.full((4, 8), 2, np.float16))
+    k.close()
+    k2 = backend.compile(add_mil(), {}, "noweights")
+    assert Path(k2.tmpdir).name == framework_model_id(add_mil(), {})  # hash of 4 zero bytes for no weights
+    k2.close()
+
+
+@fake_only
+def test_fake_sha256_matches_hashlib(fake):
+    """The fake's own SHA-256 against hashlib, on the FIPS 180-4 examples, block-boundary lengths and
+    random data."""
+    import hashlib
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    cases = [b"", b"abc", b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq", b"\0" * 4]
+    cases += [bytes(range(256)) * 3 + b"x" * n for n in (0, 55, 56, 63, 64, 65, 119, 120)]
+    for data in cases:
+        assert fake.sha256_hex(data) == hashlib.sha256(data).hexdigest().upper(), len(data)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.binary(max_size=3000))
+    def same(data):
+        assert fake.sha256_hex(data) == hashlib.sha256(data).hexdigest().upper()
+
+    same()
 
 
 @fake_only
@@ -499,7 +568,7 @@ def test_fp16_bytes_match_the_sim_backend_sdpa_fwd(backend):
     """A real training kernel (sdpaFwd, with RoPE and mask BLOBFILEs) through the whole ANE path."""
     from rustane import kernels
 
-    spec = kernels.plan_for(dim=16, hidden=32, n_heads=2, n_kv_heads=1, head_dim=8, seq=8)["sdpaFwd"]
+    spec = kernels.plan_for(dim=16, hidden_dim=32, n_heads=2, n_kv_heads=1, head_dim=8, seq_len=8)["sdpaFwd"]
     mil = kernels.render(spec)
     rng = np.random.default_rng(2)
     x = (rng.standard_normal(spec.in_shape[1:2] + spec.in_shape[3:4]) * 0.5).astype(np.float16)

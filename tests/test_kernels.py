@@ -30,7 +30,7 @@ from rustane import kernels as K
 from rustane.mil.blob import read_blob
 from rustane.mil.check import check
 from rustane.mil.parser import parse
-from rustane.mil.render import templates_dir
+from rustane.mil.render import strip_comments
 
 # The fp16 model rounds scores + (−65504) to −inf for negative scores: harmless (softmax gives 0,
 # the diagonal is never masked), and what a saturating ANE add would also make irrelevant.
@@ -40,19 +40,19 @@ TOL = {"fp32": 1e-5, "fp16": 5e-3}
 
 SHAPES = {
     # GQA ratio 3, head_dim 64, α ≠ 1
-    "gqa3": K.KernelShape(dim=96, hidden=160, n_heads=6, n_kv_heads=2, head_dim=64, seq=24,
+    "gqa3": K.KernelShape(dim=96, hidden_dim=160, n_heads=6, n_kv_heads=2, head_dim=64, seq_len=24,
                           rope_theta=1e4, residual_alpha=0.5),
     # MHA, head_dim 128 (1/sqrt(128) is not exact in fp16), theta 1e6
-    "mha128": K.KernelShape(dim=128, hidden=192, n_heads=2, n_kv_heads=2, head_dim=128, seq=40,
+    "mha128": K.KernelShape(dim=128, hidden_dim=192, n_heads=2, n_kv_heads=2, head_dim=128, seq_len=40,
                             rope_theta=1e6, residual_alpha=0.35355339),
     # multi-query (R = 4), theta 1e6, α = 1
-    "mqa4": K.KernelShape(dim=64, hidden=96, n_heads=4, n_kv_heads=1, head_dim=64, seq=24,
+    "mqa4": K.KernelShape(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=1, head_dim=64, seq_len=24,
                           rope_theta=1e6, residual_alpha=1.0),
 }
 # tiny shapes for element-wise finite differences (mask and GQA still non-trivial)
-TINY_GQA = K.KernelShape(dim=16, hidden=24, n_heads=6, n_kv_heads=2, head_dim=8, seq=6, rope_theta=1e4,
+TINY_GQA = K.KernelShape(dim=16, hidden_dim=24, n_heads=6, n_kv_heads=2, head_dim=8, seq_len=6, rope_theta=1e4,
                          residual_alpha=0.75)
-TINY_MHA = K.KernelShape(dim=12, hidden=20, n_heads=2, n_kv_heads=2, head_dim=8, seq=5, rope_theta=1e6,
+TINY_MHA = K.KernelShape(dim=12, hidden_dim=20, n_heads=2, n_kv_heads=2, head_dim=8, seq_len=5, rope_theta=1e6,
                          residual_alpha=0.5)
 
 FORBIDDEN_OPS = {"gelu", "silu", "reduce_mean", "scaled_dot_product_attention", "cast", "rsqrt"}
@@ -162,7 +162,7 @@ def _cases():
 def test_render_parse_check_every_kernel(sname):
     shape = SHAPES[sname]
     for name, spec in K.plan_for(shape).items():
-        src = (templates_dir() / f"{spec.template}.mil").read_text()
+        src = strip_comments((spec.template_dir / f"{spec.template}.mil").read_text())
         used = set(string.Template(src).get_identifiers())
         assert used == set(spec.params), f"{name}: placeholders {sorted(used)} vs params {sorted(spec.params)}"
         text = K.render(spec)
@@ -205,8 +205,8 @@ def test_kernel_matches_reference(sname, kname, precision):
     rng = np.random.default_rng(zlib.crc32(f"{sname}/{kname}".encode()))
     a = random_inputs(spec, rng, precision)
     if kname == "sdpaBwd2":  # P must be a causal softmax and dP its partner for realistic magnitudes
-        o = R.sdpa_bwd1(a["q_rope"], a["k_rope"], rng.standard_normal((shape.kv_dim, shape.seq)),
-                        rng.standard_normal((shape.q_dim, shape.seq)), scale=_consts(shape)["scale"], **_heads(shape))
+        o = R.sdpa_bwd1(a["q_rope"], a["k_rope"], rng.standard_normal((shape.kv_dim, shape.seq_len)),
+                        rng.standard_normal((shape.q_dim, shape.seq_len)), scale=_consts(shape)["scale"], **_heads(shape))
         a["P"], a["dP"] = _q(o["P"]), _q(o["dP"])
     got = run_kernel(shape, kname, precision, a)
     assert_close(got, reference(shape, kname, a), TOL[precision], f"{sname}/{kname}/{precision}")
@@ -241,7 +241,7 @@ def test_sdpa_backward_chain_matches_finite_differences(shape):
     """sdpaBwd1 + sdpaBwd2 give the gradient of sum(attention(q_rope, k_rope, v) ⊙ dA)."""
     rng = np.random.default_rng(1)
     h, scale = _heads(shape), _consts(shape)["scale"]
-    q, k, v, da = (rng.standard_normal((c, shape.seq)) for c in (shape.q_dim, shape.kv_dim, shape.kv_dim, shape.q_dim))
+    q, k, v, da = (rng.standard_normal((c, shape.seq_len)) for c in (shape.q_dim, shape.kv_dim, shape.kv_dim, shape.q_dim))
     o1 = run_kernel(shape, "sdpaBwd1", "fp32", {"q_rope": q, "k_rope": k, "v": v, "da": da})
     o2 = run_kernel(shape, "sdpaBwd2", "fp32", {"P": o1["P"], "dP": o1["dP"], "q_rope": q, "k_rope": k})
 
@@ -262,7 +262,7 @@ def test_ffn_backward_chain_matches_finite_differences():
     """ffnFused taps -> ffnBwdW2t(α·dy) -> ffnBwdW13t give d sum(x_next ⊙ dy) / d x2n."""
     shape = TINY_GQA
     rng = np.random.default_rng(2)
-    D, H, S = shape.dim, shape.hidden, shape.seq
+    D, H, S = shape.dim, shape.hidden_dim, shape.seq_len
     w1, w3, w2 = (rng.standard_normal(s) * 0.4 for s in ((H, D), (H, D), (D, H)))
     x2n, x2, dy = (rng.standard_normal((D, S)) for _ in range(3))
     alpha = _consts(shape)["alpha"]
@@ -287,7 +287,7 @@ def test_attention_block_backward_matches_finite_differences(shape):
     backward (inverse rotation), qBwd+kvBwd or qkvBwd — is the gradient of sum(x2 ⊙ dy)
     w.r.t. xn, with x2 the sdpaFwd output."""
     rng = np.random.default_rng(3)
-    D, S, QD, KVD = shape.dim, shape.seq, shape.q_dim, shape.kv_dim
+    D, S, QD, KVD = shape.dim, shape.seq_len, shape.q_dim, shape.kv_dim
     h, c = _heads(shape), _consts(shape)
     w = {"wq": rng.standard_normal((QD, D)) * 0.4, "wk": rng.standard_normal((KVD, D)) * 0.4,
          "wv": rng.standard_normal((KVD, D)) * 0.4, "wo": rng.standard_normal((D, QD)) * 0.4}
@@ -318,7 +318,7 @@ def test_reference_backward_formulas_match_finite_differences():
     """The analytic backward in kernel_refs (used as the reference above) is itself right."""
     shape, rng = TINY_GQA, np.random.default_rng(4)
     h, scale = _heads(shape), 0.3
-    q, k, v, da = (rng.standard_normal((c, shape.seq)) for c in (shape.q_dim, shape.kv_dim, shape.kv_dim, shape.q_dim))
+    q, k, v, da = (rng.standard_normal((c, shape.seq_len)) for c in (shape.q_dim, shape.kv_dim, shape.kv_dim, shape.q_dim))
     b1 = R.sdpa_bwd1(q, k, v, da, scale=scale, **h)
     b2 = R.sdpa_bwd2(b1["P"], b1["dP"], q, k, scale=scale, **h)
 
@@ -343,7 +343,7 @@ def test_rope_is_interleaved_pair_rotation(sname):
     rng = np.random.default_rng(5)
     a = random_inputs(spec, rng, "fp32")
     got = run_kernel(shape, "sdpaFwd", "fp32", a)
-    HD, S = shape.head_dim, shape.seq
+    HD, S = shape.head_dim, shape.seq_len
     for tap, w, nh in (("q_rope", a["wq"], shape.n_heads), ("k_rope", a["wk"], shape.n_kv_heads)):
         x = w @ a["xn"]  # [nh·HD, S]
         want = np.empty_like(x)
@@ -361,7 +361,7 @@ def test_rope_is_interleaved_pair_rotation(sname):
 def test_blob_contents():
     shape = SHAPES["gqa3"]
     spec = K.plan_for(shape)["sdpaFwd"]
-    S, HD = shape.seq, shape.head_dim
+    S, HD = shape.seq_len, shape.head_dim
     cos = read_blob(spec.blobs["@model_path/weights/rope_cos.bin"], 64, np.float16, (S, HD)).astype(np.float64)
     sin = read_blob(spec.blobs["@model_path/weights/rope_sin.bin"], 64, np.float16, (S, HD)).astype(np.float64)
     p, j = np.meshgrid(np.arange(S), np.arange(HD), indexing="ij")
@@ -377,7 +377,7 @@ def test_blob_contents():
 def test_gqa_mapping_is_h_div_R():
     """kv-head g feeds exactly q-heads g·R … g·R+R−1, forward and backward."""
     shape = SHAPES["gqa3"]
-    R_, HD, NH = shape.group, shape.head_dim, shape.n_heads
+    R_, HD, NH = shape.gqa_ratio, shape.head_dim, shape.n_heads
     spec = K.plan_for(shape)["sdpaFwd"]
     rng = np.random.default_rng(6)
     a = random_inputs(spec, rng, "fp32")
@@ -395,8 +395,8 @@ def test_gqa_mapping_is_h_div_R():
     b1 = K.plan_for(shape)["sdpaBwd1"]
     acts = random_inputs(b1, rng, "fp32")
     for hh in range(NH):
-        acts["da"] = np.zeros((shape.q_dim, shape.seq))
-        acts["da"][hh * HD:(hh + 1) * HD] = rng.standard_normal((HD, shape.seq))
+        acts["da"] = np.zeros((shape.q_dim, shape.seq_len))
+        acts["da"][hh * HD:(hh + 1) * HD] = rng.standard_normal((HD, shape.seq_len))
         dv = run_kernel(shape, "sdpaBwd1", "fp32", acts)["dv"]
         nz = [g for g in range(shape.n_kv_heads) if np.abs(dv[g * HD:(g + 1) * HD]).max() > 0]
         assert nz == [hh // R_], f"q-head {hh} sends dv to kv-heads {nz}"
@@ -412,7 +412,7 @@ def test_plan_choice_and_evals_per_layer():
                                      "sdpaBwd2", "qkvBwd"]
     assert list(K.plan_for(gqa))[-2:] == ["qBwd", "kvBwd"] and "qkvBwd" not in K.plan_for(gqa)
     assert K.evals_per_layer(mha) == 8 and K.evals_per_layer(gqa) == 9
-    assert K.plan_for(dim=768, hidden=2048, n_heads=12, n_kv_heads=12, head_dim=64, seq=256)["sdpaFwd"].in_shape == (
+    assert K.plan_for(dim=768, hidden_dim=2048, n_heads=12, n_kv_heads=12, head_dim=64, seq_len=256)["sdpaFwd"].in_shape == (
         1, 768, 1, 2 * 256 + 2 * 768 + 2 * 768)
     # design.md table: the Qwen3-shaped sdpaBwd2 input has 2·NH·S + QD + KVD channels
     assert K.plan_for(gqa)["sdpaBwd2"].in_shape == (1, 2 * 16 * 256 + 2048 + 1024, 1, 256)
@@ -428,7 +428,7 @@ def test_blocks_and_taps_tile_exactly(sname):
             if spec.weight_bearing:  # spatial packing: every block spans all channels
                 assert (b.c0, b.c1) == (0, C), f"{name}.{b.name}"
             else:  # channel stacking: every block is S wide
-                assert (b.col0, b.col1) == (0, SHAPES[sname].seq), f"{name}.{b.name}"
+                assert (b.col0, b.col1) == (0, SHAPES[sname].seq_len), f"{name}.{b.name}"
         assert (cover == 1).all(), f"{name}: blocks do not tile the input exactly"
         assert [t.c0 for t in spec.taps][1:] == [t.c1 for t in spec.taps][:-1] and spec.taps[0].c0 == 0
         assert spec.taps[-1].c1 == spec.out_shape[1]
@@ -480,11 +480,11 @@ def test_pack_errors_name_the_problem():
 
 
 def test_bad_shapes_are_rejected():
-    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+    with pytest.raises(ValueError, match="not divisible by n_kv_heads"):
         K.KernelShape(64, 96, 6, 4, 16, 8)
     with pytest.raises(ValueError, match="even"):
         K.KernelShape(64, 96, 4, 4, 15, 8)
-    with pytest.raises(ValueError, match="seq must be a positive int"):
+    with pytest.raises(ValueError, match="seq_len: must be > 0"):
         K.KernelShape(64, 96, 4, 4, 16, 0)
     with pytest.raises(ValueError, match="fp16"):
         K.KernelShape(64, 96, 4, 4, 16, 8, residual_alpha=1e6)

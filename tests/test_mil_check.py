@@ -78,8 +78,8 @@ def test_verbose_conv_sample_is_clean():
 def test_shipped_kernel_templates_have_no_errors():
     from rustane import kernels
 
-    plan = kernels.plan_for(dim=64, hidden=128, n_heads=4, n_kv_heads=2, head_dim=16, seq=32)
-    plan.update(kernels.plan_for(dim=64, hidden=128, n_heads=4, n_kv_heads=4, head_dim=16, seq=32))
+    plan = kernels.plan_for(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16, seq_len=32)
+    plan.update(kernels.plan_for(dim=64, hidden_dim=128, n_heads=4, n_kv_heads=4, head_dim=16, seq_len=32))
     assert len(plan) >= 10
     for name, spec in plan.items():
         errors = [str(d) for d in check(parse(kernels.render(spec)), "m4") if d.is_error]

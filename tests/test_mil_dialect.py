@@ -11,8 +11,8 @@ from rustane.mil import emit, parse
 from rustane.mil.dialect import to_dialect
 
 SHAPES = {
-    "gqa": dict(dim=48, hidden=80, n_heads=6, n_kv_heads=2, head_dim=8, seq=10, residual_alpha=0.5),
-    "mha": dict(dim=32, hidden=48, n_heads=4, n_kv_heads=4, head_dim=8, seq=12, rope_theta=1e6),
+    "gqa": dict(dim=48, hidden_dim=80, n_heads=6, n_kv_heads=2, head_dim=8, seq_len=10, residual_alpha=0.5),
+    "mha": dict(dim=32, hidden_dim=48, n_heads=4, n_kv_heads=4, head_dim=8, seq_len=12, rope_theta=1e6),
 }
 BARE_SCALAR = re.compile(r"(?<![<\w])(bool|int32|fp16|fp32|string|uint64)\(")
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustane.mil import MilTemplateError, emit, parse, render, render_text, same_program, templates_dir
+from rustane.mil import MilTemplateError, emit, parse, render, render_text, same_program, strip_comments
 
 TEMPLATES = Path(__file__).parent / "mil_samples" / "templates"
 
@@ -60,9 +60,38 @@ def test_unknown_template_lists_available(tmp_path):
         render("two", template_dir=tmp_path)
 
 
-def test_templates_dir_points_at_kernel_templates():
-    d = templates_dir()
-    assert d.name == "mil_templates" and d.is_dir()
+def test_family_templates_dir_holds_the_kernel_templates():
+    from rustane.models.llama.plan import TEMPLATES, plan_for
+
+    assert TEMPLATES.is_dir()
+    spec = plan_for(dim=8, hidden_dim=8, n_heads=2, n_kv_heads=1, head_dim=4, seq_len=4)["qBwd"]
+    assert spec.template_dir == TEMPLATES and (TEMPLATES / f"{spec.template}.mil").is_file()
+
+
+def test_render_without_a_template_dir_names_the_fix():
+    with pytest.raises(MilTemplateError, match="pass template_dir="):
+        render("linearDx", template_dir=None)
+
+
+def test_comments_are_stripped_before_substitution():
+    text = ('// header: y = W·x, no placeholders needed here\n'
+            'a = f($X) // trailing, cut with its spaces\n'
+            '\n'
+            'b = string("keep // this")\n'
+            '    // indented comment line\n'
+            'c')
+    assert render_text(text, X=1) == 'a = f(1)\n\nb = string("keep // this")\nc'
+    assert strip_comments("no comments\n") == "no comments\n"
+
+
+def test_every_kernel_template_opens_with_its_header():
+    """Each template states its equation, its input blocks and its output taps (issue 10)."""
+    from rustane.models.llama.plan import TEMPLATES
+
+    for path in sorted(TEMPLATES.glob("*.mil")):
+        head = path.read_text().split("program(", 1)[0]
+        assert head.startswith("// "), f"{path.name}: no // header"
+        assert "input" in head and "output" in head and "=" in head, f"{path.name}: header lacks equation/layout"
 
 
 @settings(max_examples=60)

@@ -163,3 +163,31 @@ def test_forward_logits_match_reference():
         _, ref = torch_ref.forward(torch_ref.params_to_torch(params, requires_grad=False), cfg, x[0])
     ref = ref[0].numpy()
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def test_a_custom_loop_never_trains_on_stale_weights():
+    """The model owns re-staging: after ``optimizer_step`` (no call to stage_weights anywhere in
+    the loop) the kernels compute with the updated masters, per PyTorch on those masters. A model
+    whose kernels kept the old weights would give the pre-update logits instead (checked too)."""
+    from rustane.optim import AdamW, make_loss_scaler
+
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg, seed=11)
+    x, y = _batch(cfg, seed=12, n=2)
+    model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
+    try:
+        before = model.logits(x[0]).T
+        opt = AdamW(model.params, weight_decay=0.0)
+        for xi, yi in zip(x, y):
+            model.forward_backward(xi, yi)
+        info = model.optimizer_step(opt, make_loss_scaler(1.0), lr=1e-2, max_norm=None, accum=2)
+        assert info.applied
+        got = model.logits(x[0]).T
+        updated = {k: v.copy() for k, v in model.params.items()}
+    finally:
+        model.close()
+    with torch.no_grad():
+        _, ref = torch_ref.forward(torch_ref.params_to_torch(updated, requires_grad=False), cfg, x[0])
+    ref = ref[0].numpy()
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+    assert np.max(np.abs(before - ref)) / np.max(np.abs(ref)) > 1e-3  # the update moved the logits

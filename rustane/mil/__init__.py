@@ -23,7 +23,7 @@ from .check import RULES, TARGETS, check, check_or_raise
 from .emit import emit, same_program, structure
 from .errors import Diagnostic, MilCheckError, MilSyntaxError, MilTemplateError
 from .parser import parse
-from .render import render, render_text, templates_dir
+from .render import render, render_text, strip_comments
 
 __all__ = [
     "DTYPES", "STRING", "BlobRef", "Function", "Literal", "Loc", "Param", "Program", "Ref", "Statement",
@@ -32,5 +32,5 @@ __all__ = [
     "RULES", "TARGETS", "check", "check_or_raise",
     "emit", "same_program", "structure",
     "Diagnostic", "MilCheckError", "MilSyntaxError", "MilTemplateError",
-    "parse", "render", "render_text", "templates_dir",
+    "parse", "render", "render_text", "strip_comments",
 ]

@@ -1,6 +1,10 @@
-"""Fill MIL templates (``mil_templates/<name>.mil``) with shapes and constants.
+"""Fill MIL templates (``<name>.mil`` in a model family's ``templates/``) with shapes and constants.
 
 Templates use ``string.Template`` placeholders: ``$DIM``, ``${SEQ}``; ``$$`` is a literal ``$``.
+``//`` comments (a template's header: its equation, input blocks and output taps) are stripped
+before anything else: a line that is only a comment disappears, a trailing comment is cut with the
+spaces before it, and ``//`` inside a string literal is kept. So comments never reach the compiler
+and the text it gets does not depend on them.
 Every placeholder a template uses must be given; a missing one raises ``MilTemplateError`` naming
 the template, the placeholder and its line. Extra parameters are **allowed and ignored**, so a caller
 can pass one shape dictionary (DIM, SEQ, HD, ...) to every kernel template.
@@ -8,8 +12,8 @@ can pass one shape dictionary (DIM, SEQ, HD, ...) to every kernel template.
 Value formatting: ``bool`` -> ``true``/``false`` (MIL spelling), ``float`` -> ``repr`` (exact),
 everything else (int, numpy scalars, str) -> ``str``.
 
-Templates directory: ``<installed rustane>/mil_templates`` (meson installs it there); in a source
-checkout, ``<repo>/mil_templates``. Pass ``template_dir=`` to use another one.
+Each model family keeps its templates beside its plan (``rustane/models/<family>/templates``) and
+passes ``template_dir=``.
 """
 
 from __future__ import annotations
@@ -20,18 +24,31 @@ from pathlib import Path
 from .errors import MilTemplateError
 
 
-def templates_dir() -> Path:
-    """The directory holding the kernel templates (installed copy first, then the source checkout)."""
-    import rustane
+def strip_comments(text: str) -> str:
+    """``text`` without ``//`` comments (outside string literals); comment-only lines removed."""
+    if "//" not in text:
+        return text
+    out = []
+    for line in text.splitlines(keepends=True):
+        cut = _comment_start(line)
+        if cut < 0:
+            out.append(line)
+        elif line[:cut].strip():
+            end = "\n" if line.endswith("\n") else ""
+            out.append(line[:cut].rstrip() + end)
+    return "".join(out)
 
-    pkg = Path(rustane.__file__).resolve().parent
-    for cand in (pkg / "mil_templates", pkg.parent / "mil_templates"):
-        if cand.is_dir():
-            return cand
-    raise MilTemplateError(
-        f"no mil_templates directory found (looked in {pkg / 'mil_templates'} and {pkg.parent / 'mil_templates'}); "
-        "pass template_dir="
-    )
+
+def _comment_start(line: str) -> int:
+    """Index of the ``//`` opening a comment in ``line``, or -1 (MIL strings are double-quoted
+    and have no escapes)."""
+    in_string = False
+    for i, ch in enumerate(line):
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "/" and not in_string and line.startswith("//", i):
+            return i
+    return -1
 
 
 def _format(value) -> str:
@@ -48,6 +65,7 @@ def _line_of(text: str, offset: int) -> int:
 
 def render_text(text: str, _template_name: str = "<text>", **params) -> str:
     """Substitute ``params`` into template ``text``; see the module docstring for the rules."""
+    text = strip_comments(text)
     tpl = string.Template(text)
     values = {k: _format(v) for k, v in params.items()}
     missing: list[str] = []
@@ -72,9 +90,11 @@ def render_text(text: str, _template_name: str = "<text>", **params) -> str:
     return tpl.substitute(values)
 
 
-def render(name: str, template_dir: str | Path | None = None, **params) -> str:
-    """Render template ``name`` (``<name>.mil`` in the templates dir) with ``params``."""
-    directory = Path(template_dir) if template_dir is not None else templates_dir()
+def render(name: str, template_dir: str | Path, **params) -> str:
+    """Render template ``name`` (``<name>.mil`` in ``template_dir``) with ``params``."""
+    if template_dir is None:
+        raise MilTemplateError(f"render({name!r}): pass template_dir= (a model family's templates folder)")
+    directory = Path(template_dir)
     fname = name if name.endswith(".mil") else name + ".mil"
     path = directory / fname
     if not path.is_file():

@@ -35,6 +35,10 @@ const char *fakeane_violation(size_t i);
  * (code 0: return NO and leave the error out-parameter nil). */
 void fakeane_fail_next(const char *stage, long code, int times);
 
+/* SHA-256 of n bytes as 64 upper-case hex digits (the fake's own implementation, exported so the
+ * tests can check it against an independent one). */
+void fakeane_sha256_hex(const void *data, size_t n, char out[65]);
+
 /* Fake objects alive now (descriptors, models, requests, IO objects, surfaces): 0 when nothing leaks. */
 long fakeane_live_objects(void);
 

@@ -19,6 +19,7 @@
 
 #include "fakeane.h"
 #include "iosurface_shim.h"
+#include "sha256.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -324,9 +325,42 @@ EXPORT void CFRelease(CFTypeRef cf)
 @public
     NSData *_mil;
     NSDictionary *_weights;
+    NSString *_hex;
 }
 + (id)modelWithMILText:(id)mil weights:(id)weights optionsPlist:(id)options;
+- (id)hexStringIdentifier;
 @end
+
+static NSString *hex_digest(sha256_ctx *c)
+{
+    unsigned char d[32];
+    char hex[65];
+    sha256_final(c, d);
+    sha256_hex(d, hex);
+    return [NSString stringWithUTF8String:hex];
+}
+
+/* The identifier the framework derives (docs/ane-rules.md, "model identifier"): SHA-256 of the MIL
+ * bytes; SHA-256 of four zero bytes followed by each weight's data, keys in sorted order; SHA-256
+ * of the options plist (none here: the hash of empty input). Upper-case hex, joined by '_'. */
+static NSString *model_identifier(NSData *mil, NSDictionary *weights)
+{
+    sha256_ctx c;
+    sha256_init(&c);
+    sha256_update(&c, [mil bytes], [mil length]);
+    NSString *mil_hash = hex_digest(&c);
+    sha256_init(&c);
+    static const unsigned char zero[4];
+    sha256_update(&c, zero, sizeof zero);
+    for (NSString *k in [[weights allKeys] sortedArrayUsingSelector:@selector(compare:)]) {
+        NSData *blob = [[weights objectForKey:k] objectForKey:@"data"];
+        sha256_update(&c, [blob bytes], [blob length]);
+    }
+    NSString *weights_hash = hex_digest(&c);
+    sha256_init(&c);
+    NSString *options_hash = hex_digest(&c);
+    return [NSString stringWithFormat:@"%@_%@_%@", mil_hash, weights_hash, options_hash];
+}
 
 @implementation _ANEInMemoryModelDescriptor
 + (id)modelWithMILText:(id)mil weights:(id)weights optionsPlist:(id)options
@@ -357,14 +391,21 @@ EXPORT void CFRelease(CFTypeRef cf)
     _ANEInMemoryModelDescriptor *d = [[self alloc] init];
     d->_mil = [mil copy];
     d->_weights = [weights copy];
+    d->_hex = [model_identifier(mil, weights) retain];
     live(1);
     return [d autorelease];
+}
+
+- (id)hexStringIdentifier
+{
+    return _hex;
 }
 
 - (void)dealloc
 {
     [_mil release];
     [_weights release];
+    [_hex release];
     live(-1);
     [super dealloc];
 }
@@ -476,11 +517,40 @@ static BOOL check_surface_array(id arr, id indices, const char *what)
 }
 + (id)inMemoryModelWithDescriptor:(id)descriptor;
 - (id)hexStringIdentifier;
+- (BOOL)saveModelFiles;
 - (BOOL)compileWithQoS:(unsigned int)qos options:(id)options error:(NSError **)error;
 - (BOOL)loadWithQoS:(unsigned int)qos options:(id)options error:(NSError **)error;
 - (BOOL)evaluateWithQoS:(unsigned int)qos options:(id)options request:(id)request error:(NSError **)error;
 - (BOOL)unloadWithQoS:(unsigned int)qos error:(NSError **)error;
 @end
+
+/* Files the fake itself wrote in -saveModelFiles (device, inode): their mode is the framework's,
+ * not the runtime's, so the permission check below skips them. */
+static struct { dev_t dev; ino_t ino; } g_saved[256];
+static size_t g_n_saved;
+
+static void remember_saved(NSString *path)
+{
+    struct stat st;
+    if (lstat([path fileSystemRepresentation], &st) != 0)
+        return;
+    pthread_mutex_lock(&g_lock);
+    g_saved[g_n_saved % 256].dev = st.st_dev;
+    g_saved[g_n_saved % 256].ino = st.st_ino;
+    g_n_saved++;
+    pthread_mutex_unlock(&g_lock);
+}
+
+static BOOL saved_by_fake(const struct stat *st)
+{
+    BOOL hit = NO;
+    pthread_mutex_lock(&g_lock);
+    for (size_t i = 0; i < g_n_saved && i < 256; i++)
+        if (g_saved[i].dev == st->st_dev && g_saved[i].ino == st->st_ino)
+            hit = YES;
+    pthread_mutex_unlock(&g_lock);
+    return hit;
+}
 
 /* Compare a file the runtime wrote with what it must hold, and its permission bits. */
 static void check_file(NSString *path, NSData *want, unsigned mode, const char *what)
@@ -490,7 +560,7 @@ static void check_file(NSString *path, NSData *want, unsigned mode, const char *
         violation("compile: %s missing at %s (pre-populate the temp dir before compiling)", what, [path UTF8String]);
         return;
     }
-    if (!S_ISREG(st.st_mode) || (st.st_mode & 0777) != mode)
+    if (!S_ISREG(st.st_mode) || (!saved_by_fake(&st) && (st.st_mode & 0777) != mode))
         violation("compile: %s is not a regular file with mode %o (mode %o)", what, mode, st.st_mode & 0777);
     NSData *have = [NSData dataWithContentsOfFile:path];
     if (![have isEqualToData:want])
@@ -523,17 +593,9 @@ static void check_options(id options, NSError **error, const char *sel)
         return nil;
     }
     _ANEInMemoryModelDescriptor *d = descriptor;
-    /* Content key, like the real id: same MIL + same weights -> same directory. */
-    uint64_t h = fnv1a(0xcbf29ce484222325ull, [d->_mil bytes], [d->_mil length]);
-    NSArray *keys = [[d->_weights allKeys] sortedArrayUsingSelector:@selector(compare:)];
-    for (NSString *k in keys) {
-        NSData *blob = [[d->_weights objectForKey:k] objectForKey:@"data"];
-        h = fnv1a(h, [k UTF8String], strlen([k UTF8String]));
-        h = fnv1a(h, [blob bytes], [blob length]);
-    }
     _ANEInMemoryModel *m = [[self alloc] init];
     m->_descriptor = [d retain];
-    m->_hex = [[NSString alloc] initWithFormat:@"FAKE%016llX", (unsigned long long)h];
+    m->_hex = [d->_hex copy]; /* the model copies the descriptor's id, as the framework does */
     live(1);
     return [m autorelease];
 }
@@ -565,10 +627,37 @@ static void check_options(id options, NSError **error, const char *sel)
     long code;
     if (take_failure(&code, 0))
         return fail_with(error, code, @"compile");
+    if (![self saveModelFiles]) {
+        violation("compile: -saveModelFiles could not write into %s", [dir UTF8String]);
+        return fail_with(error, 0x1, @"compile (saveModelFiles)");
+    }
     /* The real compiler leaves net.plist next to the MIL; so does the fake, to test cleanup. */
     [[@"<plist/>" dataUsingEncoding:NSUTF8StringEncoding] writeToFile:[dir stringByAppendingPathComponent:@"net.plist"]
                                                              atomically:NO];
     _compiled = YES;
+    return YES;
+}
+
+/* What the framework's own -saveModelFiles does inside compile (docs/ane-rules.md, "temp
+ * directory"): create the directory if missing, rewrite model.mil atomically (a new file with the
+ * default mode replaces the runtime's), and write each weight's data to <hex>/<first key of its
+ * entry>, i.e. <hex>/data. */
+- (BOOL)saveModelFiles
+{
+    NSString *dir = [self tmpdir];
+    if (![[NSFileManager defaultManager] createDirectoryAtPath:dir withIntermediateDirectories:YES attributes:nil
+                                                          error:NULL])
+        return NO;
+    NSString *mil = [dir stringByAppendingPathComponent:@"model.mil"];
+    if (![_descriptor->_mil writeToFile:mil atomically:YES])
+        return NO;
+    remember_saved(mil);
+    for (NSString *key in _descriptor->_weights) {
+        NSString *data = [dir stringByAppendingPathComponent:@"data"];
+        if (![[[_descriptor->_weights objectForKey:key] objectForKey:@"data"] writeToFile:data atomically:YES])
+            return NO;
+        remember_saved(data);
+    }
     return YES;
 }
 
@@ -709,6 +798,16 @@ EXPORT void fakeane_fail_next(const char *stage, long code, int times)
     else if (strcmp(stage, "eval") == 0)
         g_fail_eval.code = code, g_fail_eval.times = times;
     pthread_mutex_unlock(&g_lock);
+}
+
+EXPORT void fakeane_sha256_hex(const void *data, size_t n, char out[65])
+{
+    sha256_ctx c;
+    unsigned char d[32];
+    sha256_init(&c);
+    sha256_update(&c, data, n);
+    sha256_final(&c, d);
+    sha256_hex(d, out);
 }
 
 EXPORT long fakeane_live_objects(void)

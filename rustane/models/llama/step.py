@@ -1,0 +1,187 @@
+"""One Llama training step over the fused kernels (docs/design.md, "One training step").
+
+The math of a step, written against the runtime (``rustane.runtime.Model``: its kernel set, its
+workspace and its dW queue): CPU work — RMSNorm, RoPE backward, the classifier, cross-entropy,
+embeddings — runs in C (``rustane.cpu_ops``); every weight gradient is an sgemm on the dW queue
+that overlaps the next kernel evaluations. Parameter names come from ``params``; which kernel
+carries which weight is the plan's business (``plan.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rustane import cpu_ops
+from rustane.models.llama import params as P
+
+
+@dataclass
+class Saved:
+    """What one layer's backward needs from its forward (all fp32 ``[C, S]`` / ``[S]``)."""
+
+    x: np.ndarray
+    xn: np.ndarray
+    rrms_att: np.ndarray  # 1/rms of x, from the attention RMSNorm
+    x2: np.ndarray
+    x2n: np.ndarray
+    rrms_ffn: np.ndarray  # 1/rms of x2, from the FFN RMSNorm
+
+
+class LlamaStep:
+    """Forward, backward and logits of one Llama model on a runtime ``rt``."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        cfg = self.cfg = rt.cfg
+        self.ks = rt.kernels_set
+        self.head_name = P.head_name(cfg)
+        self.is_mha = cfg.is_mha
+        self._layer_params = P.by_layer(rt.params, cfg.n_layers)
+        self._layer_grads = P.by_layer(rt.grads, cfg.n_layers)
+        # the embedding scatter-add runs on this thread while the dW queue may be writing the
+        # classifier's dE: with tied weights they accumulate apart and meet after the wait
+        self._g_embed_in = (np.zeros_like(rt.params[P.EMBED]) if cfg.tie_embeddings else rt.grads[P.EMBED])
+
+    def layer_param(self, layer: int, name: str) -> np.ndarray:
+        return self._layer_params[layer][name]
+
+    def layer_grad(self, layer: int, name: str) -> np.ndarray:
+        return self._layer_grads[layer][name]
+
+    # ---- gradients the step keeps apart ---------------------------------------------------------
+
+    def fold_gradients(self) -> None:
+        """After the dW queue drained: add the embedding-input gradient to the (tied) embedding's."""
+        if self._g_embed_in is not self.rt.grads[P.EMBED]:
+            self.rt.grads[P.EMBED] += self._g_embed_in
+            self._g_embed_in.fill(0)
+
+    def zero_gradients(self) -> None:
+        if self._g_embed_in is not self.rt.grads[P.EMBED]:
+            self._g_embed_in.fill(0)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward_layers(self, tokens: np.ndarray, keep: bool) -> tuple[np.ndarray, list[Saved]]:
+        cfg, ks, buf, cpu = self.cfg, self.ks, self.rt.ws.get, self.rt.timer.phase("cpu")
+        D, S = cfg.dim, cfg.seq_len
+        with cpu:
+            x = cpu_ops.embedding_forward(self.rt.params[P.EMBED], tokens, out=buf("x0", (D, S)))  # [D, S]
+        saved: list[Saved] = []
+        for layer in range(cfg.n_layers):
+            w = self._layer_params[layer]
+            with cpu:
+                xn, r1 = cpu_ops.rmsnorm_forward(x, w[P.ATTN_NORM], cfg.norm_eps,
+                                                 out=buf(("xn", layer), (D, S)), rrms=buf(("r1", layer), (S,)))
+            ks.stage("sdpaFwd", layer, xn=xn, x=x)
+            ks.eval("sdpaFwd", layer)
+            (x2,) = ks.read("sdpaFwd", layer, "x2")
+            with cpu:
+                x2n, r2 = cpu_ops.rmsnorm_forward(x2, w[P.FFN_NORM], cfg.norm_eps,
+                                                  out=buf(("x2n", layer), (D, S)), rrms=buf(("r2", layer), (S,)))
+            ks.stage("ffnFused", layer, x2n=x2n, x2=x2)
+            ks.eval("ffnFused", layer)
+            if keep:
+                saved.append(Saved(x, xn, r1, x2, x2n, r2))
+            (x,) = ks.read("ffnFused", layer, "x_next")
+        return x, saved
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Forward only: logits ``[V, S]`` (fp32)."""
+        x, _ = self.forward_layers(tokens, keep=False)
+        xf, _ = cpu_ops.rmsnorm_forward(x, self.rt.params[P.FINAL_NORM], self.cfg.norm_eps)
+        return self.rt.params[self.head_name] @ xf
+
+    # ---- one micro-step ----------------------------------------------------------------------------
+
+    def forward_backward(self, tokens: np.ndarray, targets: np.ndarray, loss_scale: float) -> float:
+        rt, cfg = self.rt, self.cfg
+        D, S, V = cfg.dim, cfg.seq_len, cfg.vocab_size
+        buf, threads, params, grads = rt.ws.get, rt.threads, rt.params, rt.grads
+        alpha = np.float32(cfg.residual_alpha)
+        x, saved = self.forward_layers(tokens, keep=True)
+
+        # head: final norm, classifier, full-vocabulary cross-entropy (all CPU, fp32)
+        with rt.timer.phase("cpu"):
+            w_head = params[self.head_name]
+            xf, rf = cpu_ops.rmsnorm_forward(x, params[P.FINAL_NORM], cfg.norm_eps,
+                                             out=buf("xf", (D, S)), rrms=buf("rf", (S,)))
+            # no dW of this micro-step is queued yet, so the classifier and the CE may use every core
+            # (CE: positions over up to 4 threads, the same bits for any count)
+            logits = threads.matmul_rows(w_head, xf, out=buf("logits", (V, S)))  # [V, S]
+            loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
+                                                  threads=cpu_ops.optimizer_threads())
+            # dx before the classifier's dW is queued: on the simulator the second core is still free
+            # for it then, and the queue absorbs the dW while the layers' backward runs
+            dxf = threads.matmul_rows(w_head.T, dlogits, out=buf("dxf", (D, S)))
+            rt.dw(grads[self.head_name], dlogits, xf)
+            dy = cpu_ops.rmsnorm_backward(dxf, x, params[P.FINAL_NORM], rf, grads[P.FINAL_NORM], dx=dxf)
+
+        for layer in reversed(range(cfg.n_layers)):
+            dy = self.backward_layer(layer, saved[layer], dy, alpha)
+
+        with rt.timer.phase("cpu"):
+            cpu_ops.embedding_backward(dy, tokens, self._g_embed_in)
+        return loss
+
+    def backward_layer(self, layer: int, s: Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
+        """dy = dL/d(layer output) -> dL/d(layer input); queues this layer's dW sgemms."""
+        cfg, ks, rt = self.cfg, self.ks, self.rt
+        buf, dw, cpu = rt.ws.get, rt.dw, rt.timer.phase("cpu")
+        w, g = self._layer_params[layer], self._layer_grads[layer]
+
+        # FFN: x_next = x2 + α·W2·(silu(W1·x2n) ⊙ W3·x2n)
+        df = np.multiply(dy, alpha, out=buf(("df", layer), dy.shape)) if alpha != 1 else dy
+        ks.stage("ffnBwdW2t", layer, df=df)
+        ks.eval("ffnBwdW2t", layer)
+        ks.copy("ffnBwdW13t", layer, (("ffnBwdW2t", 0, "dgate", "dgate"),
+                                      ("ffnFused", layer, "h1", "h1"), ("ffnFused", layer, "h3", "h3")))
+        (gate,) = ks.read("ffnFused", layer, "gate")
+        dw(g[P.W2], df, gate)
+        ks.eval("ffnBwdW13t", layer)
+        dx2n, dh1, dh3 = ks.read("ffnBwdW13t", layer, "dx2n", "dh1", "dh3")
+        dw(g[P.W1], dh1, s.x2n)
+        dw(g[P.W3], dh3, s.x2n)
+        with cpu:
+            dx2 = cpu_ops.rmsnorm_backward(dx2n, s.x2, w[P.FFN_NORM], s.rrms_ffn, g[P.FFN_NORM], dx=dx2n)
+            dx2 += dy
+
+        # attention: x2 = x + α·Wo·attn(rope(Wq·xn), rope(Wk·xn), Wv·xn)
+        # nothing writes dx2 after this point
+        dx2s = np.multiply(dx2, alpha, out=buf(("dx2s", layer), dx2.shape)) if alpha != 1 else dx2
+        ks.stage("wotBwd", layer, dx2s=dx2s)
+        ks.eval("wotBwd", layer)
+        (attn,) = ks.read("sdpaFwd", layer, "attn")
+        dw(g[P.WO], dx2s, attn)
+        ks.copy("sdpaBwd1", 0, (("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
+                                ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")))
+        ks.eval("sdpaBwd1", layer)
+        ks.copy("sdpaBwd2", 0, (("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
+                                ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")))
+        ks.eval("sdpaBwd2", layer)
+        (dv,) = ks.read("sdpaBwd1", layer, "dv")
+        dq_r, dk_r = ks.read("sdpaBwd2", layer, "dq_rope", "dk_rope")
+        with cpu:
+            dq = cpu_ops.rope_backward(dq_r, cfg.n_heads, cfg.head_dim, cfg.rope_theta, out=dq_r)
+            dk = cpu_ops.rope_backward(dk_r, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, out=dk_r)
+        dw(g[P.WQ], dq, s.xn)
+        dw(g[P.WK], dk, s.xn)
+        dw(g[P.WV], dv, s.xn)
+        if self.is_mha:
+            ks.stage("qkvBwd", layer, dq=dq, dk=dk, dv=dv)
+            ks.eval("qkvBwd", layer)
+            (dxa,) = ks.read("qkvBwd", layer, "dx")
+        else:
+            ks.stage("qBwd", layer, dq=dq)
+            ks.eval("qBwd", layer)
+            ks.stage("kvBwd", layer, dk=dk, dv=dv)
+            ks.eval("kvBwd", layer)
+            (dxa,) = ks.read("qBwd", layer, "dxq")
+            (dxkv,) = ks.read("kvBwd", layer, "dxkv")
+            dxa += dxkv
+        with cpu:
+            dx = cpu_ops.rmsnorm_backward(dxa, s.x, w[P.ATTN_NORM], s.rrms_att, g[P.ATTN_NORM], dx=dxa)
+            dx += dx2
+        return dx
