@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rustane.checkpoint import permute_for_hf as interleaved_to_hf_rows
+from rustane.models.llama.params import permute_for_hf as interleaved_to_hf_rows
 from rustane.formats.arch import ArchSpec, FormatError, Imported, rope_inv_freq
 from rustane.formats.vocab import byte_level_bpe, sentencepiece_bpe
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rustane.checkpoint import permute_for_hf
+from rustane.models.llama.params import permute_for_hf
 from rustane.formats.arch import FormatError, Imported
 from rustane.formats.vocab import sentencepiece_bpe
 
