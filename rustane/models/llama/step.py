@@ -9,6 +9,7 @@ carries which weight is the plan's business (``plan.py``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,9 @@ class LlamaStep:
     """Forward, backward and logits of one Llama model on a runtime ``rt``."""
 
     def __init__(self, rt):
-        self.rt = rt
+        # a proxy: the runtime owns this step, and a cycle would leave a dropped model (its
+        # buffers, its queue) to the cyclic collector instead of freeing it at once
+        self.rt = weakref.proxy(rt)
         cfg = self.cfg = rt.cfg
         self.ks = rt.kernels_set
         self.head_name = P.head_name(cfg)
