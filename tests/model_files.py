@@ -1,0 +1,201 @@
+"""Writers for model files in outside formats, built from the formats' documentation (GGUF's
+spec via the ``gguf`` package's writer, llama2.c's export layouts), so importer tests start from
+files made independently of rustane's readers. Weights start as Hugging Face tensors of a random
+``transformers`` model, which is also the reference the imports are compared against."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def random_hf_llama(tmp: Path, *, vocab=300, dim=64, hidden=96, layers=2, heads=4, kv_heads=2,
+                    tie=True, seed=0, **extra):
+    """A random ``LlamaForCausalLM`` saved to ``tmp`` (safetensors); returns (model, tensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                      tie_word_embeddings=tie, rms_norm_eps=1e-5, **extra)
+    model = LlamaForCausalLM(cfg).float().eval()
+    _perturb_norms(model, seed)
+    model.save_pretrained(tmp, safe_serialization=True)
+    return model, hf_tensors(model)
+
+
+def hf_tensors(model) -> dict:
+    """The model's tensors as numpy, without the tied head (it is the embedding)."""
+    t = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        t.pop("lm_head.weight", None)
+    return t
+
+
+def _perturb_norms(model, seed):
+    import torch
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms start at ones: move them so every one matters
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def interleave_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF rotate_half rows -> interleaved pairs (what llama.cpp and llama2.c store): row
+    ``i + half*hd/2`` of a head goes to ``2i + half``."""
+    hd = w.shape[0] // heads
+    return w.reshape(heads, 2, hd // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's printable stand-ins for bytes (the byte-level BPE alphabet)
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def byte_level_vocab(vocab: int) -> tuple[list[str], list[str], list[int]]:
+    """``vocab`` tokens: 256 bytes, merges of common pairs, then control tokens at the end."""
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    merges = []
+    for a, b in [(" ", "t"), ("h", "e"), (" t", "he"), ("i", "n"), (" ", "a"), ("e", "r"), (" ", "s"),
+                 ("o", "n"), (" ", "w"), ("a", "n")]:
+        ua, ub = "".join(b2u[c] for c in a.encode()), "".join(b2u[c] for c in b.encode())
+        merges.append(f"{ua} {ub}")
+        tokens.append(ua + ub)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    n_fill = vocab - len(tokens) - len(specials)
+    tokens += [f"<unused{i}>" for i in range(n_fill)] + specials
+    types = [1] * (vocab - len(specials)) + [3] * len(specials)
+    return tokens, merges, types
+
+
+def write_gguf(path: Path, tensors: dict, *, heads: int, kv_heads: int, eps=1e-5, theta=10000.0,
+               quant: dict | None = None, arch="llama", head_dim=None, tokenizer=True,
+               rope_freqs: np.ndarray | None = None, qk_interleave=True) -> None:
+    """Write HF ``tensors`` as a llama.cpp-style GGUF (names, metadata, q/k row order)."""
+    import gguf
+    from gguf.quants import quantize
+
+    quant = quant or {}
+    w = gguf.GGUFWriter(str(path), arch)
+    emb = tensors["model.embed_tokens.weight"]
+    vocab, dim = emb.shape
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers."))
+    hidden = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(eps)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(1)
+    if tokenizer:
+        toks, merges, types = byte_level_vocab(vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_list(toks)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(vocab - 2)
+        w.add_eos_token_id(vocab - 1)
+        w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    glob = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    for k, v in tensors.items():
+        if k in glob:
+            name = glob[k]
+        else:
+            parts = k.split(".")
+            name = f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.weight"
+        a = np.asarray(v, np.float32)
+        if qk_interleave and arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            a = interleave_rows(a, heads if "attn_q" in name else kv_heads)
+        qt = quant.get(k, "F32") if a.ndim == 2 else "F32"
+        qtype = gguf.GGMLQuantizationType[qt]
+        data = quantize(a, qtype) if qt != "F32" else np.ascontiguousarray(a)
+        w.add_tensor(name, data, raw_shape=a.shape if qt in ("F32", "F16") else None, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---- llama2.c --------------------------------------------------------------------------------
+
+def write_llama2c(path: Path, tensors: dict, *, heads: int, kv_heads: int, seq_len: int, version: int) -> None:
+    """llama2.c's export layouts (v0 legacy and v1, see rustane/formats/llama2c.py's docstring
+    for the byte layout; written here from that description, field by field)."""
+    emb = tensors["model.embed_tokens.weight"]
+    vocab, dim = emb.shape
+    layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers."))
+    hidden = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
+    shared = "lm_head.weight" not in tensors
+    L = lambda n: [tensors[f"model.layers.{i}.{n}"] for i in range(layers)]  # noqa: E731
+    wq = [interleave_rows(w, heads) for w in L("self_attn.q_proj.weight")]
+    wk = [interleave_rows(w, kv_heads) for w in L("self_attn.k_proj.weight")]
+    hd = dim // heads
+    if version == 0:
+        header = struct.pack("<7i", dim, hidden, layers, heads, kv_heads, vocab if shared else -vocab, seq_len)
+        ang = np.arange(seq_len)[:, None] * 10000.0 ** (-np.arange(0, hd, 2) / hd)
+        order = [emb, *L("input_layernorm.weight"), *wq, *wk, *L("self_attn.v_proj.weight"),
+                 *L("self_attn.o_proj.weight"), *L("post_attention_layernorm.weight"),
+                 *L("mlp.gate_proj.weight"), *L("mlp.down_proj.weight"), *L("mlp.up_proj.weight"),
+                 tensors["model.norm.weight"], np.cos(ang), np.sin(ang)]
+    else:
+        header = struct.pack("<Ii7iB", 0x616B3432, 1, dim, hidden, layers, heads, kv_heads, vocab, seq_len,
+                             int(shared))
+        header += b"\0" * (256 - len(header))
+        order = [*L("input_layernorm.weight"), *L("post_attention_layernorm.weight"),
+                 tensors["model.norm.weight"], emb, *wq, *wk, *L("self_attn.v_proj.weight"),
+                 *L("self_attn.o_proj.weight"), *L("mlp.gate_proj.weight"), *L("mlp.down_proj.weight"),
+                 *L("mlp.up_proj.weight")]
+    if not shared:
+        order.append(tensors["lm_head.weight"])
+    with open(path, "wb") as f:
+        f.write(header)
+        for a in order:
+            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+
+
+def write_tokenizer_bin(path: Path, pieces: list[str], scores: list[float]) -> None:
+    """llama2.c's tokenizer.bin: max length, then (score, length, bytes) per token, with ``▁``
+    written as a space and <s>/</s> wrapped in newlines (as llama2.c's tokenizer.py exports)."""
+    out = []
+    for p in pieces:
+        if p == "<s>":
+            p = "\n<s>\n"
+        elif p == "</s>":
+            p = "\n</s>\n"
+        out.append(p.replace("▁", " ").encode())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(b) for b in out)))
+        for b, s in zip(out, scores):
+            f.write(struct.pack("<fi", s, len(b)))
+            f.write(b)
