@@ -156,7 +156,7 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
     _check_params(params, cfg, where="save")
     state = dict(trainer_state or {})
     state.update(format_version=FORMAT_VERSION, step=int(step), config=cfg.to_dict(),
-                 config_hash=cfg.config_hash())
+                 config_hash=cfg.config_hash(), model_type=type(cfg).model_type)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
@@ -229,7 +229,7 @@ def load(path: str | os.PathLike, expected: ModelConfig | None = None, *,
             raise CheckpointError(f"{p / STATE_FILE}: format_version {ver!r} is not supported "
                                   f"(this rustane reads version {FORMAT_VERSION})")
         try:
-            cfg = ModelConfig.from_dict(state["config"])
+            cfg = models.config_from_dict(state["config"], state.get("model_type"))
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{p / STATE_FILE}: bad 'config' entry: {exc}") from exc
         if state.get("config_hash") not in (None, cfg.config_hash()):

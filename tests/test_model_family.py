@@ -69,3 +69,23 @@ def test_one_validation_for_both_vocabularies(bad, msg):
         ModelConfig(n_layers=2, vocab_size=512, **dims).validate()
     with pytest.raises(ConfigError, match=msg):
         KernelShape(**dims)
+
+
+def test_a_dropped_model_is_freed_at_once():
+    """The runtime and its family step hold no reference cycle: a model (its buffers, its dW
+    queue) is freed when the last reference goes, not whenever the cyclic collector runs."""
+    import gc
+    import weakref
+
+    from rustane.engine import make_backend
+    from rustane.runtime.model import Model
+
+    gc.disable()
+    try:
+        model = Model(preset("tiny"), make_backend("sim", "fp32"))
+        model.close()
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()

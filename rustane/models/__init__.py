@@ -33,6 +33,15 @@ def family_for(cfg) -> ModuleType:
     return family(type(cfg).model_type)
 
 
+#: the family of checkpoints written before families existed (their trainer_state names none)
+LEGACY_MODEL_TYPE = "llama"
+
+
+def config_from_dict(d: Mapping[str, Any], model_type: str | None = None):
+    """A config saved with ``to_dict`` (trainer_state.json), built by its family's class."""
+    return family(model_type or LEGACY_MODEL_TYPE).ModelConfig.from_dict(d)
+
+
 def config_from_hf(d: Mapping[str, Any]):
     """The config of a Hugging Face config.json dict, from the family that reads its model_type."""
     mt = d.get("model_type", "llama")

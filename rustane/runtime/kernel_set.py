@@ -82,7 +82,8 @@ class KernelSet:
 
     def stage_weights(self, param_of, run=None) -> None:
         """Write every layer's weight blocks from ``param_of(layer, block.param)`` (fp32, natural
-        orientation). ``run(fn, jobs)`` may split the jobs over threads (memory-bound copies)."""
+        orientation; a vector fills a one-row or one-column block). ``run(fn, jobs)`` may split the
+        jobs over threads (memory-bound copies)."""
         jobs = []
         for name, spec in self.plan.items():
             wblocks = spec.weight_blocks
@@ -93,7 +94,8 @@ class KernelSet:
             for buf, layer, wblocks in jobs:
                 with buf.lock() as view:
                     for b in wblocks:
-                        put(view, param_of(layer, b.param), b)
+                        w = param_of(layer, b.param)
+                        put(view, w if w.ndim == 2 else w.reshape(b.source_shape), b)
 
         if run is None:
             stage(jobs)

@@ -9,6 +9,7 @@ carries which weight is the plan's business (``plan.py``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,9 @@ class LlamaStep:
     """Forward, backward and logits of one Llama model on a runtime ``rt``."""
 
     def __init__(self, rt):
-        self.rt = rt
+        # a proxy: the runtime owns this step, and a cycle would leave a dropped model (its
+        # buffers, its queue) to the cyclic collector instead of freeing it at once
+        self.rt = weakref.proxy(rt)
         cfg = self.cfg = rt.cfg
         self.ks = rt.kernels_set
         self.head_name = P.head_name(cfg)
@@ -126,6 +129,15 @@ class LlamaStep:
             cpu_ops.embedding_backward(dy, tokens, self._g_embed_in)
         return loss
 
+    def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Gradients of the rotated q/k -> of the projections Wq·xn, Wk·xn (in place): the RoPE
+        backward. A variant that transforms q/k between projection and RoPE extends this."""
+        cfg = self.cfg
+        with self.rt.timer.phase("cpu"):
+            dq = cpu_ops.rope_backward(dq_rope, cfg.n_heads, cfg.head_dim, cfg.rope_theta, out=dq_rope)
+            dk = cpu_ops.rope_backward(dk_rope, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, out=dk_rope)
+        return dq, dk
+
     def backward_layer(self, layer: int, s: Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
         """dy = dL/d(layer output) -> dL/d(layer input); queues this layer's dW sgemms."""
         cfg, ks, rt = self.cfg, self.ks, self.rt
@@ -163,9 +175,7 @@ class LlamaStep:
         ks.eval("sdpaBwd2", layer)
         (dv,) = ks.read("sdpaBwd1", layer, "dv")
         dq_r, dk_r = ks.read("sdpaBwd2", layer, "dq_rope", "dk_rope")
-        with cpu:
-            dq = cpu_ops.rope_backward(dq_r, cfg.n_heads, cfg.head_dim, cfg.rope_theta, out=dq_r)
-            dk = cpu_ops.rope_backward(dk_r, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, out=dk_r)
+        dq, dk = self.qk_backward(layer, dq_r, dk_r)
         dw(g[P.WQ], dq, s.xn)
         dw(g[P.WK], dk, s.xn)
         dw(g[P.WV], dv, s.xn)
