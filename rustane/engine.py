@@ -95,9 +95,10 @@ class StepStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def make_backend(name: str = "auto", precision: str = "fp16"):
+def make_backend(name: str = "auto", precision: str = "fp16", ane_rules: bool = True):
     """A backend for training. ``precision`` is a simulator setting: "fp32" runs the kernels
-    rendered in fp32 (exact math); the ANE always computes in fp16."""
+    rendered in fp32 (exact math); the ANE always computes in fp16. ``ane_rules=False`` lets the
+    simulator build models whose kernels break ANE rules (research configs; docs/ane-rules.md)."""
     from rustane import backends
 
     if precision not in ("fp16", "fp32"):
@@ -107,8 +108,13 @@ def make_backend(name: str = "auto", precision: str = "fp16"):
             raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
                              "(use --backend sim for fp32)")
         name = "sim"
+    if not ane_rules and name != "sim":
+        raise ValueError("configs that break ANE rules run on the simulator only: use --backend sim "
+                         "(see docs/ane-rules.md)")
     if name in ("ane", "null"):
         return backends.get(name)
+    if name == "sim":
+        return backends.get(name, precision=precision, ane_rules=ane_rules)
     return backends.get(name, precision=precision)
 
 
@@ -121,11 +127,11 @@ def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
 class Engine:
     def __init__(self, config: ModelConfig | str = "tiny", backend: str | Any = "auto",
                  precision: str = "fp16", seed: int = 0, train: TrainConfig | None = None,
-                 params: dict[str, np.ndarray] | None = None):
+                 params: dict[str, np.ndarray] | None = None, ane_rules: bool = True):
         self.config = preset(config) if isinstance(config, str) else config
         self.config.validate()
         self.precision = precision
-        self.backend = make_backend(backend, precision) if isinstance(backend, str) else backend
+        self.backend = make_backend(backend, precision, ane_rules) if isinstance(backend, str) else backend
         self.seed = int(seed)
         self.train_config = (train or TrainConfig()).validate()
         self.model = Model(self.config, self.backend, params, seed=self.seed)
@@ -148,7 +154,7 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, backend: str | Any = "auto", precision: str = "fp16",
                         train: TrainConfig | None = None, expected: ModelConfig | None = None,
-                        load_optimizer: bool = True) -> "Engine":
+                        load_optimizer: bool = True, ane_rules: bool = True) -> "Engine":
         """Restore an engine. ``train`` overrides the saved training settings (a warning names what
         changed, since exact resume needs the same ones); ``expected`` refuses a different model."""
         ck = checkpoint.load(path, expected, load_optimizer=load_optimizer)
@@ -159,7 +165,7 @@ class Engine:
             log.warning("training settings differ from the checkpoint's (resume will not be exact): %s",
                         ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]))
         eng = cls(ck.config, backend, precision, seed=int(state.get("seed", 0)),
-                  train=train or saved_train, params=ck.params)
+                  train=train or saved_train, params=ck.params, ane_rules=ane_rules)
         if load_optimizer and ck.optimizer_tensors:
             eng.optimizer.load_state(ck.optimizer_tensors, ck.optimizer_meta)
         if "loss_scaler" in state and state["loss_scaler"].get("type") == (
