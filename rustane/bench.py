@@ -143,7 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     t.add_argument("--json", action="store_true", help="print one JSON object (default: a readable summary)")
     t.add_argument("--gate", action="store_true", help="exit 1 when a goal is missed (for CI)")
+    g = sub.add_parser("generate", help="KV-cache decode tokens/s vs transformers generate; GGUF import time")
+    g.add_argument("--model", default=None, help="model source (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--runs", type=int, default=3, help="measured runs (median reported)")
+    g.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--gate", action="store_true", help="exit 1 when the goal is missed")
     args = p.parse_args(argv)
+    if args.what == "generate":
+        return _main_generate(args)
     for name in ("accum", "steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1")
@@ -158,6 +168,30 @@ def main(argv: list[str] | None = None) -> int:
         for name, g in res["gates"].items():
             print(f"gate {name}: {g['value']:.3f} (goal {g['goal']}) {'PASS' if g['pass'] else 'MISS'}")
     if args.gate and not all(g["pass"] for g in res["gates"].values()):
+        return 1
+    return 0
+
+
+def _main_generate(args) -> int:
+    from rustane.bench_generate import bench_generate
+
+    if args.max_tokens < 2 or args.runs < 1:
+        raise SystemExit("error: --max-tokens must be >= 2 and --runs >= 1")
+    try:
+        res = bench_generate(args.model, args.prompt, args.max_tokens, args.runs, not args.no_torch)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"import {res['import_seconds']:.2f} s ({res['model']})")
+        for k in ("rustane", "transformers"):
+            if k in res:
+                print(f"{k:13s} decode {res[k]['tokens_per_s_decode']:6.1f} tok/s, end to end "
+                      f"{res[k]['tokens_per_s_end_to_end']:6.1f} tok/s")
+        for name, g in res.get("gates", {}).items():
+            print(f"gate {name}: {g['value']:.3f} (goal {g['goal']}) {'PASS' if g['pass'] else 'MISS'}")
+    if args.gate and not all(g["pass"] for g in res.get("gates", {}).values()):
         return 1
     return 0
 

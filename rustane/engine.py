@@ -30,6 +30,7 @@ from rustane.optim import AdamW, CosineSchedule, make_loss_scaler
 from rustane.runtime.model import Model
 
 log = logging.getLogger("rustane.engine")
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 
 __all__ = ["Engine", "TrainConfig", "StepStats", "make_backend", "kernel_flops_per_sequence"]
 
@@ -94,9 +95,10 @@ class StepStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def make_backend(name: str = "auto", precision: str = "fp16"):
+def make_backend(name: str = "auto", precision: str = "fp16", ane_rules: bool = True):
     """A backend for training. ``precision`` is a simulator setting: "fp32" runs the kernels
-    rendered in fp32 (exact math); the ANE always computes in fp16."""
+    rendered in fp32 (exact math); the ANE always computes in fp16. ``ane_rules=False`` lets the
+    simulator build models whose kernels break ANE rules (research configs; docs/ane-rules.md)."""
     from rustane import backends
 
     if precision not in ("fp16", "fp32"):
@@ -106,8 +108,13 @@ def make_backend(name: str = "auto", precision: str = "fp16"):
             raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
                              "(use --backend sim for fp32)")
         name = "sim"
+    if not ane_rules and name != "sim":
+        raise ValueError("configs that break ANE rules run on the simulator only: use --backend sim "
+                         "(see docs/ane-rules.md)")
     if name in ("ane", "null"):
         return backends.get(name)
+    if name == "sim":
+        return backends.get(name, precision=precision, ane_rules=ane_rules)
     return backends.get(name, precision=precision)
 
 
@@ -120,11 +127,11 @@ def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
 class Engine:
     def __init__(self, config: ModelConfig | str = "tiny", backend: str | Any = "auto",
                  precision: str = "fp16", seed: int = 0, train: TrainConfig | None = None,
-                 params: dict[str, np.ndarray] | None = None):
+                 params: dict[str, np.ndarray] | None = None, ane_rules: bool = True):
         self.config = preset(config) if isinstance(config, str) else config
         self.config.validate()
         self.precision = precision
-        self.backend = make_backend(backend, precision) if isinstance(backend, str) else backend
+        self.backend = make_backend(backend, precision, ane_rules) if isinstance(backend, str) else backend
         self.seed = int(seed)
         self.train_config = (train or TrainConfig()).validate()
         self.model = Model(self.config, self.backend, params, seed=self.seed)
@@ -136,14 +143,18 @@ class Engine:
         self.step = 0
         self.trainer_state: dict[str, Any] = {}  # what a loaded checkpoint carried (data cursor...)
         self.sampler = None
-        self.save_extra_files: dict[str, bytes] = {}  # e.g. tokenizer.json, saved with every checkpoint
+        self.save_extra_files: dict[str, bytes] = {}  # more files saved with every checkpoint
+        # the model's tokenizer (a tokenizer.json string) and its settings (chat template,
+        # special tokens): saved in every checkpoint, so no later command needs --tokenizer
+        self.tokenizer_json: str | None = None
+        self.tokenizer_config: dict[str, Any] = {}
 
     # ---- construction from a checkpoint ---------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, backend: str | Any = "auto", precision: str = "fp16",
                         train: TrainConfig | None = None, expected: ModelConfig | None = None,
-                        load_optimizer: bool = True) -> "Engine":
+                        load_optimizer: bool = True, ane_rules: bool = True) -> "Engine":
         """Restore an engine. ``train`` overrides the saved training settings (a warning names what
         changed, since exact resume needs the same ones); ``expected`` refuses a different model."""
         ck = checkpoint.load(path, expected, load_optimizer=load_optimizer)
@@ -154,7 +165,7 @@ class Engine:
             log.warning("training settings differ from the checkpoint's (resume will not be exact): %s",
                         ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]))
         eng = cls(ck.config, backend, precision, seed=int(state.get("seed", 0)),
-                  train=train or saved_train, params=ck.params)
+                  train=train or saved_train, params=ck.params, ane_rules=ane_rules)
         if load_optimizer and ck.optimizer_tensors:
             eng.optimizer.load_state(ck.optimizer_tensors, ck.optimizer_meta)
         if "loss_scaler" in state and state["loss_scaler"].get("type") == (
@@ -162,6 +173,38 @@ class Engine:
             eng.scaler.load_state_dict(state["loss_scaler"])
         eng.step = ck.step
         eng.trainer_state = state
+        eng._read_tokenizer_files(Path(path))
+        return eng
+
+    @classmethod
+    def from_pretrained(cls, src: str | os.PathLike, backend: str | Any = "auto", precision: str = "fp16", *,
+                        seq_len: int | None = None, seed: int = 0, train: TrainConfig | None = None,
+                        tokenizer: str | os.PathLike | None = None) -> "Engine":
+        """An engine holding a pretrained model, ready to fine-tune: ``src`` is a Hugging Face
+        folder, a ``.gguf`` file, a llama2.c ``.bin`` (``tokenizer``: its tokenizer.bin) or a
+        rustane checkpoint. ``seq_len`` is the training context the kernels are compiled for
+        (default: the model's context, at most 256); RoPE positions are absolute, so any
+        ``seq_len`` up to the model's context computes what the model was trained to.
+
+        Trains the families whose kernels exist (Llama, SmolLM2); a model the kernels cannot
+        train yet (Qwen3's q/k-norm, llama3 rope scaling) is refused with the way out: generate
+        and evaluate run every imported family on the CPU."""
+        from rustane.formats import describe_source, load_model, resolve_source
+
+        m = load_model(resolve_source(src), tokenizer=tokenizer)
+        try:
+            cfg = models.config_from_hf(m.config)
+        except ValueError as exc:
+            raise ValueError(f"{describe_source(m)}: the training kernels cannot train this model ({exc}); "
+                             f"python -m rustane.generate / rustane.evaluate --model run it on the CPU") from exc
+        limit = m.spec.max_position
+        cfg = cfg.replace(seq_len=int(seq_len) if seq_len is not None else min(limit, 256))
+        if cfg.seq_len > limit:
+            log.warning("--seq-len %d exceeds the model's trained context %d: positions past it are "
+                        "extrapolated", cfg.seq_len, limit)
+        eng = cls(cfg, backend, precision, seed=seed, train=train,
+                  params=checkpoint.from_hf_params(m.tensors, cfg))
+        eng.tokenizer_json, eng.tokenizer_config = m.tokenizer_json, dict(m.tokenizer_config)
         return eng
 
     # ---- training -------------------------------------------------------------------------
@@ -224,35 +267,31 @@ class Engine:
         return self.model.logits(padded)[:, :t.size].T.copy()
 
     def generate(self, prompt: list[int] | np.ndarray, n: int = 100, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int | None = None, stop_id: int | None = None) -> list[int]:
-        """Sample ``n`` tokens after ``prompt`` (a window of the last seq_len tokens is the context)."""
-        if temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {top_k}")
-        rng = np.random.Generator(np.random.PCG64(self.seed if seed is None else seed))
+                 top_k: int | None = None, seed: int | None = None, stop_id: int | None = None,
+                 top_p: float | None = None) -> list[int]:
+        """Sample up to ``n`` tokens after ``prompt`` with the CPU KV-cache decoder over the
+        current weights (fp32; contexts beyond seq_len slide, see ``rustane.decoder``)."""
+        from rustane.decoder import KVCacheDecoder
+
         ids = [int(i) for i in np.asarray(prompt).ravel()]
-        if not ids:
-            raise ValueError("generate: the prompt must hold at least one token")
-        S, out = self.config.seq_len, []
-        for _ in range(n):
-            ctx = ids[-S:]
-            logits = self.forward(ctx)[-1].astype(np.float64)
-            if temperature == 0:
-                nxt = int(np.argmax(logits))
-            else:
-                logits /= temperature
-                if top_k is not None and top_k < logits.size:
-                    kth = np.partition(logits, -top_k)[-top_k]
-                    logits[logits < kth] = -np.inf
-                p = np.exp(logits - logits.max())
-                p /= p.sum()
-                nxt = int(rng.choice(p.size, p=p))
-            ids.append(nxt)
-            out.append(nxt)
-            if stop_id is not None and nxt == stop_id:
-                break
-        return out
+        dec = KVCacheDecoder.from_imported(self.to_imported(), context=self.config.seq_len)
+        gen = dec.generate(ids, n, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=self.seed if seed is None else seed,
+                           stop_ids=() if stop_id is None else (stop_id,))
+        return gen.tokens
+
+    def to_imported(self):
+        """The current model in ``rustane.formats``' family-neutral form (HF config and tensors)."""
+        import warnings
+
+        from rustane.formats import Imported
+
+        self.model.finish_gradients()
+        with warnings.catch_warnings():  # residual scaling: the decoder reads it from "rustane"
+            warnings.simplefilter("ignore")
+            hf = self.config.to_hf_dict(allow_residual_scaling=True)
+        return Imported(config=hf, tensors=checkpoint.to_hf_params(self.model.params, self.config),
+                        tokenizer_json=self.tokenizer_json, tokenizer_config=dict(self.tokenizer_config))
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -271,7 +310,27 @@ class Engine:
         return checkpoint.save(path, self.config, self.model.params, step=self.step,
                                optimizer_tensors=self.optimizer.state_tensors(),
                                optimizer_meta=self.optimizer.state_meta(), trainer_state=st,
-                               extra_files=self.save_extra_files)
+                               extra_files={**self._tokenizer_files(), **self.save_extra_files})
+
+    def _tokenizer_files(self) -> dict[str, bytes]:
+        files = {}
+        if self.tokenizer_json is not None:
+            files[TOKENIZER_FILE] = self.tokenizer_json.encode("utf-8")
+        settings = {k: v for k, v in self.tokenizer_config.items() if k != "eos_token_ids"}
+        if settings:
+            files[TOKENIZER_CONFIG_FILE] = json.dumps(settings, indent=2).encode("utf-8")
+        return files
+
+    def _read_tokenizer_files(self, path: Path) -> None:
+        if (path / TOKENIZER_FILE).is_file():
+            self.tokenizer_json = (path / TOKENIZER_FILE).read_text(encoding="utf-8")
+        if (path / TOKENIZER_CONFIG_FILE).is_file():
+            self.tokenizer_config = json.loads((path / TOKENIZER_CONFIG_FILE).read_text(encoding="utf-8"))
+
+    def use_tokenizer_of(self, data) -> None:
+        """Adopt ``data``'s tokenizer (a ``TokenData`` that tokenized text) when none is known."""
+        if self.tokenizer_json is None and getattr(data, "tokenizer", None) is not None:
+            self.tokenizer_json = data.tokenizer.to_str()
 
     # ---- the training loop ----------------------------------------------------------------
 
@@ -290,6 +349,7 @@ class Engine:
         accum = self.train_config.accum
         if data.seq_len != self.config.seq_len:
             raise ValueError(f"data seq_len {data.seq_len} != model seq_len {self.config.seq_len}")
+        self.use_tokenizer_of(data)
         if self.sampler is None:
             self.sampler = data.sampler(self.seed)
             if "data" in self.trainer_state:

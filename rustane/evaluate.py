@@ -44,8 +44,9 @@ def perplexity(decoder, ids: Sequence[int], window: int = 512, stride: int | Non
     """Sliding-window perplexity of ``ids`` under ``decoder`` (a ``KVCacheDecoder``)."""
     ids = np.asarray(ids, dtype=np.int64)
     stride = window // 2 if stride is None else stride
-    if window < 2 or not 1 <= stride <= window:
-        raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window {window}, stride {stride}")
+    if window < 2 or not 1 <= stride < window:
+        # windows overlap by at least one token: a window's first token is context only
+        raise ValueError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {stride}")
     if ids.size < 2:
         raise ValueError(f"the text holds {ids.size} token(s); perplexity needs at least 2")
     t0 = time.perf_counter()

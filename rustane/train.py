@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and data")
     m.add_argument("--preset", default=None, choices=preset_names(),
                    help="model shape (default: tiny, or the checkpoint's when resuming)")
+    m.add_argument("--model", default=None,
+                   help="fine-tune a pretrained model: a Hugging Face folder, a .gguf file, a llama2.c .bin "
+                        "or a rustane checkpoint (its tokenizer comes along)")
+    m.add_argument("--seq-len", type=int, default=None,
+                   help="training context in tokens (default: the preset's; with --model, the model's, at most 256)")
     m.add_argument("--data", default="builtin",
                    help="'builtin' (generated stories), a token file (.bin: flat uint16/uint32), "
                         "a text file, or a folder of .txt files")
@@ -97,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {name} must be >= 0, got {v}")
     from rustane.engine import Engine, TrainConfig
 
-    out = Path(args.out or f"runs/{args.preset or 'tiny'}")
+    if args.model and args.preset:
+        raise SystemExit("error: --model and --preset both choose the model; pass one of them")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise SystemExit(f"error: --seq-len must be >= 1, got {args.seq_len}")
+    out = Path(args.out or f"runs/{args.preset or (Path(args.model).stem if args.model else 'tiny')}")
     resume = _resolve_resume(args, out)
+    tokenizer = args.tokenizer
     try:
         if resume is not None:
             expected = preset(args.preset) if args.preset else None
@@ -108,16 +118,34 @@ def main(argv: list[str] | None = None) -> int:
             eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
                                          expected=expected)
             print(f"resumed from {resume} at step {eng.step}")
+        elif args.model:
+            tc = _train_config(args, None)
+            eng = Engine.from_pretrained(args.model, backend=args.backend, precision=args.precision,
+                                         seq_len=args.seq_len, seed=0 if args.seed is None else args.seed,
+                                         train=tc)
         else:
             tc = _train_config(args, None)
-            eng = Engine(args.preset or "tiny", backend=args.backend, precision=args.precision,
+            cfg = preset(args.preset or "tiny", **({"seq_len": args.seq_len} if args.seq_len else {}))
+            eng = Engine(cfg, backend=args.backend, precision=args.precision,
                          seed=0 if args.seed is None else args.seed, train=tc)
-        data = open_dataset(args.data, eng.config, val_fraction=args.val_fraction, tokenizer=args.tokenizer)
+        if tokenizer is None and eng.tokenizer_json is not None:
+            # the model's own tokenizer (imported, or saved in the checkpoint) tokenizes text data
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer = out / "tokenizer.json"
+            tokenizer.write_text(eng.tokenizer_json, encoding="utf-8")
+        source = args.data
+        if args.model and source == "builtin":
+            # a pretrained model reads the generated stories through its own tokenizer
+            from rustane.corpus import generate_stories
+            source = out / "builtin-stories.txt"
+            if not source.exists():
+                source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
+        data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
     except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}")
 
     cfg = eng.config
-    label = args.preset or ("from checkpoint" if resume is not None else "tiny")
+    label = args.preset or ("from checkpoint" if resume is not None else args.model or "tiny")
     print(f"model {label}: {cfg.n_params / 1e6:.2f}M params, {cfg.n_layers} layers, "
           f"dim {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads}, seq {cfg.seq_len}, vocab {cfg.vocab_size}")
     print(f"backend {eng.backend.name} ({eng.precision}); {eng.model.evals_per_step_per_sequence} kernel evals "
@@ -125,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data {data.describe()}")
     if eng.step >= tc.steps:
         print(f"already at step {eng.step} of {tc.steps}: nothing to train (raise --steps)")
-    tokenizer_bytes = data.tokenizer_path.read_bytes() if data.tokenizer_path else None
-    eng.save_extra_files = {"tokenizer.json": tokenizer_bytes} if tokenizer_bytes else {}
+    eng.use_tokenizer_of(data)  # saved in every checkpoint from here on
 
     bar = None
     if not args.no_progress:
@@ -191,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample(eng, data, prompt: str, n: int) -> str:
-    tok = data.tokenizer
+    """``n`` tokens after ``prompt`` from the CPU KV-cache decoder, with tokens/s."""
+    from rustane.decoder import KVCacheDecoder
+
+    model = eng.to_imported()
+    tok = data.tokenizer or model.tokenizer()
+    dec = KVCacheDecoder.from_imported(model, context=eng.config.seq_len)
     if tok is not None:
         ids = tok.encode(prompt).ids or [0]
-        out = eng.generate(ids, n, temperature=0.8, top_k=40)
-        return tok.decode(ids + out)
+        gen = dec.generate(ids, n, temperature=0.8, top_k=40, seed=eng.seed, stop_ids=model.eos_ids)
+        print(f"[{len(gen.tokens)} tokens at {gen.tokens_per_second:.0f} tokens/s]")
+        return tok.decode(ids + gen.tokens)
     ids = [int(t) for t in data.val[:8]]
     return " ".join(str(t) for t in ids + eng.generate(ids, n, temperature=0.8, top_k=40))
 

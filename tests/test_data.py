@@ -76,9 +76,10 @@ def test_open_dataset_errors(tmp_path):
         D.open_dataset(tmp_path / "empty", cfg)
     with pytest.raises(D.DataError, match="does not exist"):
         D.open_dataset(tmp_path / "nope.txt", cfg)
-    short = D.write_tokens(tmp_path / "short.bin", np.arange(100) % 50, cfg.vocab_size)
-    with pytest.raises(D.DataError, match=r"needs at least 130 tokens .* got 100"):
-        D.open_dataset(short, cfg)  # 2 x (64 + 1): one train + one val sequence
+    n = cfg.seq_len + 36  # room for one sequence, not for one train + one val sequence
+    short = D.write_tokens(tmp_path / "short.bin", np.arange(n) % 50, cfg.vocab_size)
+    with pytest.raises(D.DataError, match=rf"needs at least {2 * (cfg.seq_len + 1)} tokens .* got {n}"):
+        D.open_dataset(short, cfg)
     (tmp_path / "blank.txt").write_text("   \n")
     with pytest.raises(D.DataError, match="text is empty"):
         D.open_dataset(tmp_path / "blank.txt", cfg)

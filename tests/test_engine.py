@@ -49,19 +49,20 @@ def test_resume_is_bit_identical_in_process(tmp_path):
     data = open_dataset(tokens, SMALL)
     tc = TrainConfig(steps=8, warmup=2, lr=3e-3, accum=2)
 
-    straight = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc)
+    straight = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc, ane_rules=False)
     straight.fit(data, out=tmp_path / "a")
-    half = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc)
+    half = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc, ane_rules=False)
     half.fit(data, steps=4, out=tmp_path / "b")
     del half  # the process "dies": only the checkpoint survives
-    resumed = Engine.from_checkpoint(checkpoint.latest(tmp_path / "b"), backend="sim", precision="fp16")
+    resumed = Engine.from_checkpoint(checkpoint.latest(tmp_path / "b"), backend="sim", precision="fp16",
+                                     ane_rules=False)
     assert resumed.step == 4
     resumed.fit(data, out=tmp_path / "b")
     for k, w in straight.model.params.items():
         assert np.array_equal(w, resumed.model.params[k]), k
     assert straight.scaler.state_dict() == resumed.scaler.state_dict()
     # and training did move the weights (the comparison is not between two untouched inits)
-    fresh = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc)
+    fresh = Engine(SMALL, backend="sim", precision="fp16", seed=3, train=tc, ane_rules=False)
     assert not np.array_equal(fresh.model.params["model.layers.0.mlp.up_proj.weight"],
                               straight.model.params["model.layers.0.mlp.up_proj.weight"])
 
@@ -163,7 +164,7 @@ def test_resume_with_other_model_is_refused_and_keeps_checkpoint(tmp_path):
     tok = _token_file(tmp_path / "t.bin", 32000, n=5000)
     out = tmp_path / "run"
     ck = out / "step-00000001"
-    eng = Engine(SMALL, backend="sim", seed=0, train=TrainConfig(steps=1))
+    eng = Engine(SMALL, backend="sim", seed=0, train=TrainConfig(steps=1), ane_rules=False)
     eng.save(ck)
     before = {p.name: p.read_bytes() for p in ck.iterdir()}
     p = _run_cli("--preset", "stories15m", "--data", str(tok), "--backend", "sim", "--resume", str(ck),
@@ -183,7 +184,7 @@ def test_checkpoint_logits_match_transformers(tmp_path):
 
     cfg = ModelConfig(dim=48, hidden_dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=97, seq_len=24,
                       rope_theta=1e5)
-    eng = Engine(cfg, backend="sim", precision="fp32", seed=0)
+    eng = Engine(cfg, backend="sim", precision="fp32", seed=0, ane_rules=False)
     rng = np.random.default_rng(0)
     for k, w in eng.model.params.items():  # move away from the init so every tensor matters
         w += rng.standard_normal(w.shape).astype(np.float32) * (0.2 if w.ndim == 1 else 0.05)

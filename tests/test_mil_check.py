@@ -172,7 +172,10 @@ def test_identifier_charset():
 def test_surface_size_small_is_warning():
     text = small("tensor<fp16, [1, 4, 1, 8]> x", '        tensor<fp16, [1, 4, 1, 8]> y = add(x = x, y = x)[name = string("y")];', "y")
     diags = check(text)
-    assert {(d.rule, d.severity) for d in diags} == {("surface-size", "warning")} and len(diags) == 2
+    # width 8 is also below the ANE's minimum I/O width (docs/ane-rules.md#min-width): a warning here,
+    # refused by the plan guards
+    assert {(d.rule, d.severity) for d in diags} == {("surface-size", "warning"), ("io-width", "warning")}
+    assert sum(d.rule == "surface-size" for d in diags) == 2
 
 
 def test_surface_size_non_uniform_inputs_is_error():
@@ -279,6 +282,11 @@ EXAMPLES = {
     "blob-path": lambda: conv_program(path="w.bin"),
     "name-attr": lambda: CLEAN.replace('[name = string("ys")]', ""),
     "main-function": lambda: CLEAN.replace("func main<", "func fwd<"),
+    "io-width": lambda: CLEAN.replace("tensor<fp16, [1, 64, 1, 448]> x", "tensor<fp16, [1, 64, 1, 440]> x"),
+    "matmul-inner": lambda: small("tensor<fp16, [1, 1, 64, 48]> a, tensor<fp16, [1, 1, 48, 64]> b",
+                                  '        bool bF = const()[name = string("bF"), val = bool(false)];\n'
+                                  '        tensor<fp16, [1, 1, 64, 64]> y = matmul(transpose_x = bF, transpose_y = bF, '
+                                  'x = a, y = b)[name = string("y")];', "y"),
     "dim-limit": lambda: add_before_return(CLEAN, '        tensor<fp16, [1, 1, 1, 20000]> big = const()[name = string("big"), '
                                            'val = tensor<fp16, [1, 1, 1, 20000]>(BLOBFILE(path = string("@model_path/weights/big.bin"), offset = uint64(64)))];'),
 }
@@ -319,4 +327,19 @@ def test_unknown_target():
 
 def test_every_rule_cites_a_fact():
     for r in RULES.values():
-        assert r.severity in ("error", "warning") and ("ANE_FACTS" in r.fact or "design.md" in r.fact)
+        assert r.severity in ("error", "warning") and any(
+            doc in r.fact for doc in ("ANE_FACTS", "design.md", "docs/ane-rules.md"))
+
+
+def test_matmul_inner_dim_follows_transpose_x():
+    """The contraction dim is x's last axis, or its second-to-last when transpose_x is a true const."""
+    body = ('        bool bT = const()[name = string("bT"), val = bool(true)];\n'
+            '        bool bF = const()[name = string("bF"), val = bool(false)];\n'
+            '        tensor<fp16, [1, 1, 48, 64]> y = matmul(transpose_x = TX, transpose_y = bF, '
+            'x = a, y = b)[name = string("y")];')
+    params = "tensor<fp16, [1, 1, 64, 48]> a, tensor<fp16, [1, 1, 64, 64]> b"
+    flagged = {d.rule for d in check(small(params, body.replace("TX", "bT"), "y"))}
+    assert "matmul-inner" not in flagged  # contracts over 64
+    params = "tensor<fp16, [1, 1, 48, 64]> a, tensor<fp16, [1, 1, 48, 64]> b"
+    body2 = body.replace("[1, 1, 48, 64]> y", "[1, 1, 64, 64]> y")
+    assert "matmul-inner" in {d.rule for d in check(small(params, body2.replace("TX", "bT"), "y"))}  # over 48

@@ -52,7 +52,7 @@ def _reference(cfg, params, tokens, targets):
 
 
 def _engine_grads(cfg, params, tokens, targets, precision, loss_scale=1.0):
-    model = Model(cfg, make_backend("sim", precision), {k: v.copy() for k, v in params.items()})
+    model = Model(cfg, make_backend("sim", precision, ane_rules=False), {k: v.copy() for k, v in params.items()})
     try:
         losses = [model.forward_backward(x, y, loss_scale=loss_scale) for x, y in zip(tokens, targets)]
         grads = {k: g / loss_scale for k, g in model.finish_gradients().items()}
@@ -109,7 +109,7 @@ def test_accumulation_survives_a_lagging_dw_queue():
     params = _params(cfg, seed=7)
     x, y = _batch(cfg, seed=8, n=5)
     _, ref = _reference(cfg, params, x, y)
-    model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
+    model = Model(cfg, make_backend("sim", "fp32", ane_rules=False), {k: v.copy() for k, v in params.items()})
     model.queue = _LaggingQueue()
     try:
         for xi, yi in zip(x, y):
@@ -154,7 +154,7 @@ def test_forward_logits_match_reference():
     cfg = CONFIGS["gqa"]
     params = _params(cfg, seed=7)
     x, _ = _batch(cfg, seed=8, n=1)
-    model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
+    model = Model(cfg, make_backend("sim", "fp32", ane_rules=False), {k: v.copy() for k, v in params.items()})
     try:
         got = model.logits(x[0]).T  # [S, V]
     finally:
@@ -179,7 +179,7 @@ def test_a_custom_loop_never_trains_on_stale_weights():
     cfg = CONFIGS["gqa"]
     params = _params(cfg, seed=11)
     x, y = _batch(cfg, seed=12, n=2)
-    model = Model(cfg, make_backend("sim", "fp32"), {k: v.copy() for k, v in params.items()})
+    model = Model(cfg, make_backend("sim", "fp32", ane_rules=False), {k: v.copy() for k, v in params.items()})
     try:
         before = model.logits(x[0]).T
         opt = AdamW(model.params, weight_decay=0.0)

@@ -129,7 +129,8 @@ class SimBackend(Backend):
     name = "sim"
     runs_on_cpu = True
 
-    def __init__(self, precision: str = "fp16", check: bool = True, target: str = "m4", io_dtype: str | None = None):
+    def __init__(self, precision: str = "fp16", check: bool = True, target: str = "m4", io_dtype: str | None = None,
+                 ane_rules: bool = True):
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
         if io_dtype not in _IO_DTYPES:
@@ -138,6 +139,11 @@ class SimBackend(Backend):
         self.check = check
         self.target = target
         self.io_dtype = io_dtype
+        # Models built on the simulator obey the ANE rules of every chip (docs/ane-rules.md), so
+        # what trains here can train on a Neural Engine; ane_rules=False admits research configs.
+        from rustane.mil.ane_rules import CONSERVATIVE
+
+        self.ane_profile = CONSERVATIVE if ane_rules else None
 
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> SimKernel:
         from rustane.mil.interp import compile_program
@@ -156,4 +162,5 @@ class SimBackend(Backend):
         return SimKernel(name or "main", plan, self.io_dtype, [d for d in diagnostics if not d.is_error])
 
     def __repr__(self) -> str:
-        return f"SimBackend(precision={self.precision!r}, check={self.check}, target={self.target!r}, io_dtype={self.io_dtype!r})"
+        return (f"SimBackend(precision={self.precision!r}, check={self.check}, target={self.target!r}, "
+                f"io_dtype={self.io_dtype!r}, ane_rules={self.ane_profile is not None})")

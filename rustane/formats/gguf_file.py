@@ -121,7 +121,8 @@ def _dequantize(t, path: Path) -> np.ndarray:
                           f"import (supported: {', '.join(SUPPORTED_QUANTS)}); re-quantize the model "
                           f"with llama.cpp's llama-quantize to one of those")
     try:
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        # a copy: F32 tensors come back as views of the read-only file mapping
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
     except Exception as exc:
         raise FormatError(f"{path}: tensor {t.name} ({qtype}) could not be dequantized: {exc}") from exc
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (innermost) first

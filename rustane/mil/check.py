@@ -26,15 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ane_rules
 from .ast import STRING, BlobRef, Function, Literal, Loc, Program, Ref, Statement, TensorType, TupleValue, Value
 from .errors import ERROR, WARNING, Diagnostic, MilCheckError
 
-TARGETS = ("m1", "m2", "m3", "m4", "m5")
+TARGETS = ane_rules.CHIPS
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_@]*\Z")
 #: Input channel count at which a conv was seen rejected (ANE_FACTS §8, classifier backward).
 CONV_MAX_IN_CHANNELS = 32000
-#: Orion's minimum surface size (ANE_FACTS §13: "~49 KB").
-MIN_SURFACE_BYTES = 49152
+#: The minimum surface size (docs/ane-rules.md, min-surface).
+MIN_SURFACE_BYTES = ane_rules.CONSERVATIVE.min_surface_bytes
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,12 @@ RULES: dict[str, Rule] = {
              "statement without a name attribute, or whose name attribute differs from its output name"),
         Rule("main-function", ERROR, "ANE_FACTS §3.1: the ANE compiles function main",
              "program without a main function"),
-        Rule("dim-limit", WARNING, "ANE_FACTS §8 (third party): dims cap at 16384 through A15 (M1/M2), 65536 after",
+        Rule("dim-limit", WARNING, "docs/ane-rules.md#max-dim: dims cap at 16384 (shipped for every chip)",
              "tensor dimension above the reported hardware cap"),
+        Rule("io-width", WARNING, "docs/ane-rules.md#width-multiple, #min-width, #zero-width, #max-width",
+             "I/O spatial width below 64 / not a multiple of 16 / above 16384 (the plan guards refuse it)"),
+        Rule("matmul-inner", WARNING, "docs/ane-rules.md#matmul-inner (low confidence)",
+             "matmul contraction dimension not a multiple of 32"),
     )
 }
 
@@ -215,7 +220,7 @@ class _Checker:
     def check_type(self, t: TensorType, loc: Loc, name: str) -> None:
         if t.rank > 4:
             self.add("rank", f"'{name}' has rank {t.rank}; every proven ANE kernel uses rank <= 4", loc)
-        cap = 16384 if self.target in ("m1", "m2") else 65536
+        cap = ane_rules.profile(self.target).max_dim
         big = [d for d in t.shape if d > cap]
         if big:
             self.add("dim-limit", f"'{name}' has dimension {big[0]} above the reported {self.target} cap {cap}", loc)
@@ -254,6 +259,14 @@ class _Checker:
                 self.add("conv-in-channels", f"conv '{st.name}' has {x_type.shape[1]} input channels; the ANE "
                          f"rejected a conv with {CONV_MAX_IN_CHANNELS} (output channels that large work)", st.loc)
         if op == "matmul":
+            from rustane.ane_guard import matmul_inner_dim
+
+            consts = {n: lit.value for n, lit in self.consts.items()}
+            k = matmul_inner_dim(st, self.types, consts)
+            mult = ane_rules.profile(self.target).matmul_inner_multiple
+            if k is not None and k % mult:
+                self.add("matmul-inner", f"matmul '{st.name}' contracts over {k}, not a multiple of {mult}; "
+                         "reported to give zeros", st.loc)
             for flag in ("transpose_x", "transpose_y"):
                 v = st.args.get(flag)
                 if isinstance(v, Literal):
@@ -372,6 +385,11 @@ class _Checker:
                     self.add("io-dtype", f"{kind} '{name}' is {t.dtype}; declare fp16 I/O and convert on the CPU", loc)
                 if t.rank != 4:
                     self.add("rank", f"{kind} '{name}' has rank {t.rank}; ANE I/O is laid out as [1, C, 1, S]", loc)
+                prof = ane_rules.profile(self.target)
+                w = t.shape[-1] if t.rank else 1
+                if w < prof.min_width or w % prof.width_multiple or w > prof.max_width:
+                    self.add("io-width", f"{kind} '{name}' has spatial width {w}; the ANE needs "
+                             f"{prof.min_width}..{prof.max_width} in multiples of {prof.width_multiple}", loc)
                 nb = _nbytes(t)
                 if nb is not None and nb < MIN_SURFACE_BYTES:
                     self.add("surface-size", f"{kind} '{name}' is {nb} bytes, below the ~49 KB ({MIN_SURFACE_BYTES}) "

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rustane import cpu_ops, cpu_threads, models, native
+from rustane import ane_guard, cpu_ops, cpu_threads, models, native
 from rustane.runtime.kernel_set import KernelSet
 from rustane.runtime.timing import PhaseTimer
 from rustane.runtime.workspace import Workspace
@@ -38,6 +38,9 @@ class Model:
         self.backend = backend
         self.shape = self.family.kernel_shape(cfg, program_dtype(backend))
         self.plan = self.family.plan_for(self.shape)
+        # refuse before any compile what would break an ANE rule on the backend's chip profile
+        profile = ane_guard.backend_profile(backend)
+        self.ane_warnings = ane_guard.require_config(cfg, profile) if profile is not None else []
         self.params = params if params is not None else self.family.init_params(cfg, seed)
         for k, shp in self.family.param_shapes(cfg).items():
             a = self.params.get(k)

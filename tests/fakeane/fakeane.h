@@ -35,6 +35,18 @@ const char *fakeane_violation(size_t i);
  * (code 0: return NO and leave the error out-parameter nil). */
 void fakeane_fail_next(const char *stage, long code, int times);
 
+/* A chip profile's behaviour, supplied by the tests (tests/fake_profiles.py, from the rules in
+ * docs/ane-rules.md). Called at each stage with the model's MIL text:
+ *   FAKEANE_COMPILE / FAKEANE_LOAD: no buffers; return an NSError code to make the call fail;
+ *   FAKEANE_EVAL_BEFORE: input and output sizes; a nonzero code fails the evaluation (0x1d ...);
+ *   FAKEANE_EVAL_AFTER: the outputs hold the computed result; the hook may rewrite them in place
+ *   (silent zeros / corruption, as the hardware does) and return 0.
+ * NULL removes the hook. */
+enum { FAKEANE_COMPILE = 0, FAKEANE_LOAD = 1, FAKEANE_EVAL_BEFORE = 2, FAKEANE_EVAL_AFTER = 3 };
+typedef long (*fakeane_hook_fn)(int stage, const char *mil, size_t mil_len, size_t n_in, const size_t *in_sizes,
+                                size_t n_out, void *const *out_ptrs, const size_t *out_sizes);
+void fakeane_set_hook(fakeane_hook_fn fn);
+
 /* SHA-256 of n bytes as 64 upper-case hex digits (the fake's own implementation, exported so the
  * tests can check it against an independent one). */
 void fakeane_sha256_hex(const void *data, size_t n, char out[65]);

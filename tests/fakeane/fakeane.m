@@ -34,6 +34,7 @@ static strlist g_log, g_violations;
 static long g_live;
 static fakeane_eval_fn g_eval_fn;
 static void *g_eval_ctx;
+static fakeane_hook_fn g_hook;
 static struct { long code; int times; } g_fail_compile, g_fail_load, g_fail_eval;
 static int g_next_surface_id;
 
@@ -156,6 +157,18 @@ static BOOL fail_with(NSError **error, long code, NSString *what)
                                      code:code
                                  userInfo:@{NSLocalizedDescriptionKey: [NSString stringWithFormat:@"fake %@ failure", what]}];
     return NO;
+}
+
+/* Ask the test's chip profile (if any) about one stage; returns the NSError code to fail with. */
+static long profile_hook(int stage, NSData *mil, size_t n_in, const size_t *in_sizes, size_t n_out,
+                         void *const *out_ptrs, const size_t *out_sizes)
+{
+    pthread_mutex_lock(&g_lock);
+    fakeane_hook_fn fn = g_hook;
+    pthread_mutex_unlock(&g_lock);
+    if (!fn)
+        return 0;
+    return fn(stage, [mil bytes], [mil length], n_in, in_sizes, n_out, out_ptrs, out_sizes);
 }
 
 /* ---- IOSurface shim over malloc ---------------------------------------------------------------- */
@@ -627,6 +640,8 @@ static void check_options(id options, NSError **error, const char *sel)
     long code;
     if (take_failure(&code, 0))
         return fail_with(error, code, @"compile");
+    if ((code = profile_hook(FAKEANE_COMPILE, _descriptor->_mil, 0, NULL, 0, NULL, NULL)) != 0)
+        return fail_with(error, code, @"compile (rejected by the chip profile)");
     if (![self saveModelFiles]) {
         violation("compile: -saveModelFiles could not write into %s", [dir UTF8String]);
         return fail_with(error, 0x1, @"compile (saveModelFiles)");
@@ -672,6 +687,8 @@ static void check_options(id options, NSError **error, const char *sel)
     long code;
     if (take_failure(&code, 1))
         return fail_with(error, code, @"load");
+    if ((code = profile_hook(FAKEANE_LOAD, _descriptor->_mil, 0, NULL, 0, NULL, NULL)) != 0)
+        return fail_with(error, code, @"load (refused by the chip profile)");
     _loaded = YES;
     return YES;
 }
@@ -710,6 +727,8 @@ static void check_options(id options, NSError **error, const char *sel)
     long code;
     if (take_failure(&code, 2))
         return fail_with(error, code, @"eval");
+    if ((code = profile_hook(FAKEANE_EVAL_BEFORE, _descriptor->_mil, n_in, in_sizes, n_out, out_ptrs, out_sizes)) != 0)
+        return fail_with(error, code, @"eval (Program Inference error under the chip profile)");
     pthread_mutex_lock(&g_lock);
     fakeane_eval_fn fn = g_eval_fn;
     void *ctx = g_eval_ctx;
@@ -732,6 +751,9 @@ static void check_options(id options, NSError **error, const char *sel)
                 n_out, out_ptrs, out_sizes);
     if (rc != 0)
         return fail_with(error, rc, @"eval (evaluator)");
+    /* where the hardware is silently wrong, the profile rewrites the outputs and still succeeds */
+    if ((code = profile_hook(FAKEANE_EVAL_AFTER, _descriptor->_mil, n_in, in_sizes, n_out, out_ptrs, out_sizes)) != 0)
+        return fail_with(error, code, @"eval (chip profile)");
     return YES;
 }
 
@@ -763,6 +785,13 @@ EXPORT void fakeane_set_eval_callback(fakeane_eval_fn fn, void *ctx)
     pthread_mutex_lock(&g_lock);
     g_eval_fn = fn;
     g_eval_ctx = ctx;
+    pthread_mutex_unlock(&g_lock);
+}
+
+EXPORT void fakeane_set_hook(fakeane_hook_fn fn)
+{
+    pthread_mutex_lock(&g_lock);
+    g_hook = fn;
     pthread_mutex_unlock(&g_lock);
 }
 

@@ -7,9 +7,10 @@ the fix; :func:`dimension_errors` is the one check of the dimensions both classe
 
 Presets (``PRESETS``, ``preset(name)``):
 
-- ``tiny``: dim 96, hidden 256, 2 layers, 4 heads / 2 kv heads (exercises GQA), head_dim 24,
-  seq 64, vocab 512 (the built-in corpus tokenizer). Small enough to show a falling loss on the
-  simulator on 2 CPU cores within a couple of minutes.
+- ``tiny``: dim 128, hidden 256, 2 layers, 4 heads / 2 kv heads (exercises GQA), head_dim 32,
+  seq 192, vocab 512 (the built-in corpus tokenizer). Small enough to show a falling loss on the
+  simulator on 2 CPU cores within a couple of minutes, and inside every ANE rule: its smallest
+  kernel tensor (a dim x seq fp16 output) is exactly the 49,152-byte minimum (docs/ane-rules.md).
 - ``stories15m`` / ``stories42m`` / ``stories110m``: llama2.c TinyStories shapes, vocab 32000,
   tied embeddings, theta 1e4, eps 1e-5, seq 256. (llama2.c trained stories42m at seq 1024; 256 is
   used here so all three share the ANE kernel width and memory stays small; override seq_len
@@ -263,8 +264,8 @@ def _stories(dim: int, hidden: int, layers: int, heads: int) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(dim=96, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
-                 seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
+    "tiny": dict(dim=128, hidden_dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                 seq_len=192, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=True),
     "stories15m": _stories(288, 768, 6, 6),
     "stories42m": _stories(512, 1376, 8, 8),
     "stories110m": _stories(768, 2048, 12, 12),
