@@ -49,13 +49,26 @@ def test_from_pretrained_kernels_match_transformers(tiny_gguf, seq_len):
     eng.close()
 
 
-def test_from_pretrained_refuses_what_kernels_cannot_train(tmp_path):
+def test_from_pretrained_qwen3_kernels_match_transformers(tmp_path):
+    """Qwen3 (q/k-norm, head_dim * n_heads != dim) imports into the training kernels."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-                     ).save_pretrained(tmp_path / "q")
-    with pytest.raises(ValueError, match="rustane.generate"):
-        Engine.from_pretrained(tmp_path / "q", backend="sim")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                         rope_theta=1e6, tie_word_embeddings=False)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn(p.shape))
+    model.save_pretrained(tmp_path / "q")
+    eng = Engine.from_pretrained(tmp_path / "q", backend="sim", precision="fp32", seq_len=16)
+    ids = list(np.random.default_rng(0).integers(0, 64, 16))
+    ref = _hf_logits(model, ids)
+    assert np.max(np.abs(eng.forward(ids) - ref)) / np.max(np.abs(ref)) < 1e-4
+    eng.close()
+
+
+def test_from_pretrained_refuses_what_kernels_cannot_train(tmp_path):
     random_hf_llama(tmp_path / "l3", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                    "high_freq_factor": 4.0,
                                                    "original_max_position_embeddings": 64})
