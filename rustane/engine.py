@@ -179,7 +179,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike, backend: str | Any = "auto", precision: str = "fp16", *,
                         seq_len: int | None = None, seed: int = 0, train: TrainConfig | None = None,
-                        tokenizer: str | os.PathLike | None = None) -> "Engine":
+                        tokenizer: str | os.PathLike | None = None, ane_rules: bool = True) -> "Engine":
         """An engine holding a pretrained model, ready to fine-tune: ``src`` is a Hugging Face
         folder, a ``.gguf`` file, a llama2.c ``.bin`` (``tokenizer``: its tokenizer.bin) or a
         rustane checkpoint. ``seq_len`` is the training context the kernels are compiled for
@@ -203,7 +203,7 @@ class Engine:
             log.warning("--seq-len %d exceeds the model's trained context %d: positions past it are "
                         "extrapolated", cfg.seq_len, limit)
         eng = cls(cfg, backend, precision, seed=seed, train=train,
-                  params=checkpoint.from_hf_params(m.tensors, cfg))
+                  params=checkpoint.from_hf_params(m.tensors, cfg), ane_rules=ane_rules)
         eng.tokenizer_json, eng.tokenizer_config = m.tokenizer_json, dict(m.tokenizer_config)
         return eng
 
