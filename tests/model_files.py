@@ -19,8 +19,8 @@ def random_hf_llama(tmp: Path, *, vocab=300, dim=64, hidden=96, layers=2, heads=
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                      tie_word_embeddings=tie, rms_norm_eps=1e-5, **extra)
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      tie_word_embeddings=tie, rms_norm_eps=1e-5, **{"max_position_embeddings": 128, **extra})
     model = LlamaForCausalLM(cfg).float().eval()
     _perturb_norms(model, seed)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -85,7 +85,7 @@ def byte_level_vocab(vocab: int) -> tuple[list[str], list[str], list[int]]:
 
 def write_gguf(path: Path, tensors: dict, *, heads: int, kv_heads: int, eps=1e-5, theta=10000.0,
                quant: dict | None = None, arch="llama", head_dim=None, tokenizer=True,
-               rope_freqs: np.ndarray | None = None, qk_interleave=True) -> None:
+               rope_freqs: np.ndarray | None = None, qk_interleave=True, context=128) -> None:
     """Write HF ``tensors`` as a llama.cpp-style GGUF (names, metadata, q/k row order)."""
     import gguf
     from gguf.quants import quantize
@@ -97,7 +97,7 @@ def write_gguf(path: Path, tensors: dict, *, heads: int, kv_heads: int, eps=1e-5
     layers = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers."))
     hidden = tensors["model.layers.0.mlp.gate_proj.weight"].shape[0]
     w.add_block_count(layers)
-    w.add_context_length(128)
+    w.add_context_length(context)
     w.add_embedding_length(dim)
     w.add_feed_forward_length(hidden)
     w.add_head_count(heads)

@@ -25,18 +25,20 @@ def _hf_logits(model, ids):
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     d = tmp_path_factory.mktemp("pre")
-    model, tensors = random_hf_llama(d / "hf", vocab=300, dim=64, heads=4, kv_heads=2, tie=True)
-    write_gguf(d / "m.gguf", tensors, heads=4, kv_heads=2)
+    # the tiny preset's shape: its kernels keep every ANE rule at seq_len 192 (the simulator checks)
+    model, tensors = random_hf_llama(d / "hf", vocab=512, dim=128, hidden=256, heads=4, kv_heads=2, tie=True,
+                                     max_position_embeddings=512)
+    write_gguf(d / "m.gguf", tensors, heads=4, kv_heads=2, context=512)
     return d, model
 
 
-@pytest.mark.parametrize("seq_len", [16, 48])
+@pytest.mark.parametrize("seq_len", [192, 256])
 def test_from_pretrained_kernels_match_transformers(tiny_gguf, seq_len):
     """The training kernels, compiled for seq_len, compute the imported model (fp32 simulator)."""
     d, model = tiny_gguf
     eng = Engine.from_pretrained(d / "m.gguf", backend="sim", precision="fp32", seq_len=seq_len)
     assert eng.config.seq_len == seq_len and eng.tokenizer_json is not None
-    ids = list(np.random.default_rng(0).integers(0, 300, seq_len))
+    ids = list(np.random.default_rng(0).integers(0, 512, seq_len))
     got = eng.forward(ids)
     ref = _hf_logits(model, ids)
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-4
@@ -61,7 +63,7 @@ def test_from_pretrained_qwen3_kernels_match_transformers(tmp_path):
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn(p.shape))
     model.save_pretrained(tmp_path / "q")
-    eng = Engine.from_pretrained(tmp_path / "q", backend="sim", precision="fp32", seq_len=16)
+    eng = Engine.from_pretrained(tmp_path / "q", backend="sim", precision="fp32", seq_len=16, ane_rules=False)
     ids = list(np.random.default_rng(0).integers(0, 64, 16))
     ref = _hf_logits(model, ids)
     assert np.max(np.abs(eng.forward(ids) - ref)) / np.max(np.abs(ref)) < 1e-4
@@ -78,7 +80,7 @@ def test_from_pretrained_refuses_what_kernels_cannot_train(tmp_path):
 
 def test_api_checkpoints_carry_the_tokenizer(tiny_gguf, tmp_path):
     d, model = tiny_gguf
-    eng = Engine.from_pretrained(d / "m.gguf", backend="sim", precision="fp32", seq_len=16)
+    eng = Engine.from_pretrained(d / "m.gguf", backend="sim", precision="fp32", seq_len=192)
     eng.save(tmp_path / "ck")
     assert (tmp_path / "ck" / "tokenizer.json").read_text() == eng.tokenizer_json
     assert "chat_template" in json.loads((tmp_path / "ck" / "tokenizer_config.json").read_text())
@@ -109,10 +111,10 @@ def test_train_model_then_resume_and_generate_without_tokenizer(tiny_gguf, tmp_p
     (tmp_path / "t.txt").write_text("\n\n".join(generate_stories(80, seed=2)))
     common = ["--data", tmp_path / "t.txt", "--backend", "sim", "--precision", "fp32", "--eval-every", "0",
               "--out", tmp_path / "run", "--no-progress", "--lr", "1e-4", "--warmup", "0"]
-    p = _cli("rustane.train", "--model", d / "m.gguf", "--seq-len", 24, "--steps", 2, "--sample", 5, *common,
+    p = _cli("rustane.train", "--model", d / "m.gguf", "--seq-len", 192, "--steps", 2, "--sample", 5, *common,
              cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "tokens/s]" in p.stdout and "seq 24" in p.stdout
+    assert "tokens/s]" in p.stdout and "seq 192" in p.stdout
     step2 = tmp_path / "run" / "step-00000002"
     assert (step2 / "tokenizer.json").exists()
     p = _cli("rustane.train", "--model", d / "m.gguf", "--resume", "auto", "--steps", 3, "--sample", 0, *common,
@@ -151,7 +153,7 @@ def test_perplexity_windows_score_each_token_once(tiny_gguf):
     from rustane.evaluate import perplexity
     from rustane.formats import load_model
     d, model = tiny_gguf
-    ids = list(np.random.default_rng(3).integers(0, 300, 40))
+    ids = list(np.random.default_rng(3).integers(0, 512, 40))
     with torch.no_grad():
         ref = torch.nn.functional.cross_entropy(torch.tensor(_hf_logits(model, ids)[:-1]), torch.tensor(ids[1:]))
     dec = KVCacheDecoder.from_imported(load_model(d / "m.gguf"))
