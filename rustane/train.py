@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
                    help="simulator arithmetic: fp16 models the ANE, fp32 is exact math")
     r.add_argument("--seed", type=int, default=None, help="initialisation and data-sampling seed (default 0)")
+    r.add_argument("--research", action="store_true",
+                   help="simulator only: allow model shapes that break ANE rules (docs/ane-rules.md)")
     o = p.add_argument_group("optimisation (defaults: the checkpoint's when resuming)")
     o.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {DEFAULT_STEPS})")
     o.add_argument("--accum", type=int, default=None, help="sequences per optimizer step (default 1)")
@@ -116,18 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
             tc = _train_config(args, saved)
             eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
-                                         expected=expected)
+                                         expected=expected, ane_rules=not args.research)
             print(f"resumed from {resume} at step {eng.step}")
         elif args.model:
             tc = _train_config(args, None)
             eng = Engine.from_pretrained(args.model, backend=args.backend, precision=args.precision,
                                          seq_len=args.seq_len, seed=0 if args.seed is None else args.seed,
-                                         train=tc)
+                                         train=tc, ane_rules=not args.research)
         else:
             tc = _train_config(args, None)
             cfg = preset(args.preset or "tiny", **({"seq_len": args.seq_len} if args.seq_len else {}))
             eng = Engine(cfg, backend=args.backend, precision=args.precision,
-                         seed=0 if args.seed is None else args.seed, train=tc)
+                         seed=0 if args.seed is None else args.seed, train=tc, ane_rules=not args.research)
         if tokenizer is None and eng.tokenizer_json is not None:
             # the model's own tokenizer (imported, or saved in the checkpoint) tokenizes text data
             out.mkdir(parents=True, exist_ok=True)

@@ -154,3 +154,20 @@ def test_rule_table_matches_the_document():
         assert f"[{rid}](#{rid})" in doc, rid
         assert f"### {rid}" in doc or f", {rid}" in doc or f"### {rid}," in doc, rid
     assert math.prod([1]) == 1
+
+
+def test_train_cli_refuses_with_one_error_line_and_research_flag_allows(tmp_path):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-P", "-m", "rustane.train", "--preset", "tiny", "--seq-len", "40", "--backend", "sim",
+            "--steps", "1", "--eval-every", "0", "--sample", "0", "--no-progress", "--out", str(tmp_path / "r")]
+    p = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode != 0 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    assert "seq_len 40: kernel" in p.stderr and "docs/ane-rules.md#" in p.stderr
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").glob("step-*"))
+    p = subprocess.run(base + ["--research"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run(base[:-2] + ["--backend", "ane", "--research", "--out", str(tmp_path / "a")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode != 0 and "error:" in p.stderr

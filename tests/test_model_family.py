@@ -89,3 +89,14 @@ def test_a_dropped_model_is_freed_at_once():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_a_config_import_stays_light():
+    """Configs and plans are plain Python: importing them loads no native extension."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rustane.config, rustane.models.qwen3.plan; "
+            "print(sorted(m for m in sys.modules if m.startswith('rustane.') and m.split('.')[-1].startswith('_')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

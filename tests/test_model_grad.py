@@ -159,10 +159,15 @@ def test_forward_logits_match_reference():
         got = model.logits(x[0]).T  # [S, V]
     finally:
         model.close()
-    with torch.no_grad():
-        _, ref = torch_ref.forward(torch_ref.params_to_torch(params, requires_grad=False), cfg, x[0])
-    ref = ref[0].numpy()
+    ref = _reference_logits(cfg, params, x[0])
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def _reference_logits(cfg, params, tokens) -> np.ndarray:
+    """PyTorch's logits ``[S, V]`` for one sequence."""
+    with torch.no_grad():
+        _, ref = torch_ref.forward(torch_ref.params_to_torch(params, requires_grad=False), cfg, tokens)
+    return ref[0].numpy()
 
 
 def test_a_custom_loop_never_trains_on_stale_weights():
@@ -186,8 +191,6 @@ def test_a_custom_loop_never_trains_on_stale_weights():
         updated = {k: v.copy() for k, v in model.params.items()}
     finally:
         model.close()
-    with torch.no_grad():
-        _, ref = torch_ref.forward(torch_ref.params_to_torch(updated, requires_grad=False), cfg, x[0])
-    ref = ref[0].numpy()
+    ref = _reference_logits(cfg, updated, x[0])
     assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-5
     assert np.max(np.abs(before - ref)) / np.max(np.abs(ref)) > 1e-3  # the update moved the logits

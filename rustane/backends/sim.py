@@ -139,11 +139,12 @@ class SimBackend(Backend):
         self.check = check
         self.target = target
         self.io_dtype = io_dtype
-        # Models built on the simulator obey the ANE rules of every chip (docs/ane-rules.md), so
-        # what trains here can train on a Neural Engine; ane_rules=False admits research configs.
+        # Models built on the fp16 simulator (the ANE's stand-in) obey the ANE rules of every chip
+        # (docs/ane-rules.md), so what trains here can train on a Neural Engine; ane_rules=False
+        # admits research configs. The fp32 mode is exact math that no ANE runs: not guarded.
         from rustane.mil.ane_rules import CONSERVATIVE
 
-        self.ane_profile = CONSERVATIVE if ane_rules else None
+        self.ane_profile = CONSERVATIVE if ane_rules and precision == "fp16" else None
 
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> SimKernel:
         from rustane.mil.interp import compile_program

@@ -16,7 +16,6 @@ from __future__ import annotations
 from rustane.models.llama.config import PRESETS, ConfigError, ModelConfig, preset, preset_names
 from rustane.models.llama.params import from_hf_params, init_params, param_shapes, to_hf_params
 from rustane.models.llama.plan import KernelShape, evals_per_layer, flops_per_sequence, plan_for
-from rustane.models.llama.step import LlamaStep as Step
 
 #: Hugging Face ``model_type`` values this family reads (same math, same parameter names)
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
@@ -28,3 +27,12 @@ __all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "preset_names", "p
 
 def kernel_shape(cfg: ModelConfig, dtype: str = "fp16") -> KernelShape:
     return KernelShape.of(cfg, dtype)
+
+
+def __getattr__(name: str):
+    # the step pulls in the native CPU ops; a config or plan import should not
+    if name == "Step":
+        from rustane.models.llama.step import LlamaStep
+
+        return LlamaStep
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

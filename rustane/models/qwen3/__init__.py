@@ -11,7 +11,6 @@ from __future__ import annotations
 from rustane.models.qwen3.config import PRESETS, ModelConfig, preset
 from rustane.models.qwen3.params import from_hf_params, init_params, param_shapes, to_hf_params
 from rustane.models.qwen3.plan import KernelShape, evals_per_layer, flops_per_sequence, plan_for
-from rustane.models.qwen3.step import Qwen3Step as Step
 
 HF_MODEL_TYPES = ("qwen3",)
 
@@ -22,3 +21,12 @@ __all__ = ["ModelConfig", "PRESETS", "preset", "param_shapes", "init_params", "t
 
 def kernel_shape(cfg: ModelConfig, dtype: str = "fp16") -> KernelShape:
     return KernelShape.of(cfg, dtype)
+
+
+def __getattr__(name: str):
+    # the step pulls in the native CPU ops; a config or plan import should not
+    if name == "Step":
+        from rustane.models.qwen3.step import Qwen3Step
+
+        return Qwen3Step
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
