@@ -85,8 +85,10 @@ def byte_level_vocab(vocab: int) -> tuple[list[str], list[str], list[int]]:
 
 def write_gguf(path: Path, tensors: dict, *, heads: int, kv_heads: int, eps=1e-5, theta=10000.0,
                quant: dict | None = None, arch="llama", head_dim=None, tokenizer=True,
-               rope_freqs: np.ndarray | None = None, qk_interleave=True, context=128) -> None:
-    """Write HF ``tensors`` as a llama.cpp-style GGUF (names, metadata, q/k row order)."""
+               rope_freqs: np.ndarray | None = None, qk_interleave=True, context=128,
+               raw: dict | None = None) -> None:
+    """Write HF ``tensors`` as a llama.cpp-style GGUF (names, metadata, q/k row order).
+    ``raw`` maps an HF name to ``(block bytes [rows, bytes per row], qtype name)`` written as is."""
     import gguf
     from gguf.quants import quantize
 
@@ -138,6 +140,10 @@ def write_gguf(path: Path, tensors: dict, *, heads: int, kv_heads: int, eps=1e-5
         if qk_interleave and arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             a = interleave_rows(a, heads if "attn_q" in name else kv_heads)
         qt = quant.get(k, "F32") if a.ndim == 2 else "F32"
+        if raw and k in raw:
+            data, qt = raw[k]
+            w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[qt])
+            continue
         qtype = gguf.GGMLQuantizationType[qt]
         data = quantize(a, qtype) if qt != "F32" else np.ascontiguousarray(a)
         w.add_tensor(name, data, raw_shape=a.shape if qt in ("F32", "F16") else None, raw_dtype=qtype)
@@ -199,3 +205,51 @@ def write_tokenizer_bin(path: Path, pieces: list[str], scores: list[float]) -> N
         for b, s in zip(out, scores):
             f.write(struct.pack("<fi", s, len(b)))
             f.write(b)
+
+
+# ---- k-quant blocks (ggml's block_q4_K / block_q6_K layouts, 256 values per block) -------------
+
+def encode_q4_k(codes: np.ndarray, sc: np.ndarray, mins: np.ndarray, d: np.ndarray, dmin: np.ndarray) -> np.ndarray:
+    """Blocks ``[n]`` of Q4_K from 4-bit ``codes [n, 256]``, 6-bit sub-block scales and mins
+    ``[n, 8]`` and fp16 super-scales ``d``, ``dmin`` ``[n]``. Value ``i`` of sub-block ``j`` is
+    ``d * sc[j] * code - dmin * mins[j]``. Layout: d, dmin (fp16), 12 bytes of packed 6-bit
+    scales/mins, 128 bytes of nibbles (each 64 values: low nibbles first 32, high nibbles next)."""
+    n = codes.shape[0]
+    packed = np.zeros((n, 12), np.uint8)
+    for j in range(4):
+        packed[:, j] = (sc[:, j] & 63) | ((sc[:, j + 4] >> 4) << 6)
+        packed[:, j + 4] = (mins[:, j] & 63) | ((mins[:, j + 4] >> 4) << 6)
+        packed[:, j + 8] = (sc[:, j + 4] & 15) | ((mins[:, j + 4] & 15) << 4)
+    c = codes.reshape(n, 4, 2, 32)
+    qs = (c[:, :, 0] | (c[:, :, 1] << 4)).astype(np.uint8).reshape(n, 128)
+    head = np.stack([d, dmin], axis=1).astype("<f2").view(np.uint8)
+    return np.concatenate([head, packed, qs], axis=1)
+
+
+def decode_q4_k_reference(codes, sc, mins, d, dmin) -> np.ndarray:
+    sub = np.repeat(np.arange(8), 32)
+    return (d.astype(np.float32)[:, None] * sc[:, sub] * codes
+            - dmin.astype(np.float32)[:, None] * mins[:, sub]).astype(np.float32)
+
+
+def encode_q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Blocks of Q6_K from 6-bit ``codes [n, 256]``, int8 scales ``[n, 16]`` (one per 16 values)
+    and fp16 ``d``: value = ``d * sc[i // 16] * (code - 32)``. Layout: 128 bytes of low nibbles,
+    64 bytes of 2-bit high parts, 16 int8 scales, d. Each half of 128 values: value ``l`` (l < 32)
+    and ``l + 64`` share low-nibble byte ``l``, ``l + 32`` and ``l + 96`` share byte ``l + 32``;
+    their high bits sit at shifts 0, 4, 2, 6 of byte ``l`` of that half's qh."""
+    n = codes.shape[0]
+    ql = np.zeros((n, 128), np.uint8)
+    qh = np.zeros((n, 64), np.uint8)
+    for half in range(2):
+        y = codes[:, 128 * half:128 * (half + 1)].astype(np.uint8)
+        a, b, c_, e = y[:, 0:32], y[:, 32:64], y[:, 64:96], y[:, 96:128]
+        ql[:, 64 * half:64 * half + 32] = (a & 15) | ((c_ & 15) << 4)
+        ql[:, 64 * half + 32:64 * half + 64] = (b & 15) | ((e & 15) << 4)
+        qh[:, 32 * half:32 * half + 32] = (a >> 4) | ((b >> 4) << 2) | ((c_ >> 4) << 4) | ((e >> 4) << 6)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), d.astype("<f2")[:, None].view(np.uint8)],
+                          axis=1)
+
+
+def decode_q6_k_reference(codes, sc, d) -> np.ndarray:
+    return (d.astype(np.float32)[:, None] * sc[:, np.arange(256) // 16] * (codes.astype(np.float32) - 32))

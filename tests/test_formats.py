@@ -84,6 +84,28 @@ def test_gguf_quant_types_dequantize(llama, tmp_path, qtype):
     assert 0 < err < QUANT_TOL[qtype] or (qtype in ("F16",) and err < QUANT_TOL[qtype])
 
 
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_gguf_k_quants_dequantize(tmp_path, qtype):
+    """k-quant blocks encoded here from chosen codes and scales (ggml's block layouts) import as
+    the values those codes stand for."""
+    from model_files import decode_q4_k_reference, decode_q6_k_reference, encode_q4_k, encode_q6_k
+    _, tensors = random_hf_llama(tmp_path / "hf", dim=256, hidden=96, layers=1)
+    name = "model.layers.0.mlp.gate_proj.weight"  # [96, 256]: one block per row
+    rng = np.random.default_rng(5)
+    n = 96
+    d = rng.uniform(1e-3, 3e-3, n).astype(np.float16)
+    if qtype == "Q4_K":
+        codes, sc, mins = rng.integers(0, 16, (n, 256)), rng.integers(0, 64, (n, 8)), rng.integers(0, 64, (n, 8))
+        dmin = rng.uniform(1e-3, 2e-3, n).astype(np.float16)
+        blocks, want = encode_q4_k(codes, sc, mins, d, dmin), decode_q4_k_reference(codes, sc, mins, d, dmin)
+    else:
+        codes, sc = rng.integers(0, 64, (n, 256)), rng.integers(-128, 128, (n, 16))
+        blocks, want = encode_q6_k(codes, sc, d), decode_q6_k_reference(codes, sc, d)
+    write_gguf(tmp_path / "m.gguf", tensors, heads=4, kv_heads=2, raw={name: (blocks, qtype)})
+    got = load_model(tmp_path / "m.gguf").tensors[name]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_gguf_tokenizer_round_trips_text(llama, tmp_path):
     d, model, tensors = llama
     write_gguf(tmp_path / "m.gguf", tensors, heads=4, kv_heads=2)
