@@ -837,6 +837,26 @@ def test_fake_behaves_like_the_evidence_for_each_profile(fake, profiled, pid):
 
 
 @fake_only
+def test_ane_backend_guards_with_the_probed_profile(fake, tmp_path, monkeypatch):
+    """No cached probe: the conservative profile; a cached probe of an M1 on macOS 26: that profile,
+    under which the guard refuses the matmul kernels before anything compiles."""
+    from rustane import ane_guard, probe
+    from rustane.backends.ane import AneBackend
+    from rustane.config import preset
+    from rustane.mil import ane_rules
+
+    monkeypatch.setattr(probe, "cache_path", lambda: tmp_path / "probe.json")
+    assert AneBackend().ane_profile == ane_rules.CONSERVATIVE
+    machine = dict(probe.machine_key(), chip="Apple M1", os="26.1")
+    monkeypatch.setattr(probe, "machine_key", lambda: machine)
+    probe.save_probe({"cache_version": probe.CACHE_VERSION, "machine": machine, "ane": True, "dialect": "ios16"})
+    be = AneBackend()
+    assert be.ane_profile == ane_rules.profile("m1", 26) and be.dialect == "ios16"
+    with pytest.raises(ane_guard.AneRuleError, match="matmul-op"):
+        ane_guard.require_config(preset("tiny"), ane_guard.backend_profile(be))
+
+
+@fake_only
 def test_fake_rejects_what_m1_m2_on_macos26_reject(fake, profiled):
     from rustane.backends.ane import AneBackend, AneError
     from rustane.mil import ane_rules

@@ -268,10 +268,15 @@ class AneBackend(Backend):
             raise RuntimeError(f"the ane backend is not available here: {reason}")
         self.check = check
         self.target = target
-        if dialect is None:
-            from rustane.probe import load_cached_probe
+        from rustane.mil.ane_rules import profile_from_probe
+        from rustane.probe import load_cached_probe
 
-            dialect = (load_cached_probe() or {}).get("dialect") or "ios18"
+        cached = load_cached_probe()
+        # the chip profile the guards check models against (docs/ane-rules.md): the probed chip and
+        # OS when a probe is cached, else the conservative union of every profile
+        self.ane_profile = profile_from_probe(cached)
+        if dialect is None:
+            dialect = (cached or {}).get("dialect") or "ios18"
         if dialect not in ("ios18", "ios16"):
             raise ValueError(f"dialect must be 'ios18' or 'ios16', got {dialect!r}")
         self.dialect = dialect
