@@ -718,6 +718,157 @@ def test_runtime_compiles_as_macos_code(tmp_path):
     assert r.returncode != 0 and "too many arguments" in r.stderr
 
 
+def _double_mil(c: int, w: int, dialect: str = "ios18") -> str:
+    """z = x + x on [1, c, 1, w]; in the ios16 spelling when asked (docs/ane-rules.md#dialect)."""
+    text = (HEADER + "{\n"
+            f"    func main<ios18>({t((1, c, 1, w))} x) {{\n"
+            f"        {t((1, c, 1, w))} z = add(x=x, y=x)[name=string(\"z\")];\n"
+            "    } -> (z);\n}\n")
+    if dialect == "ios16":
+        from rustane.mil import emit, parse
+        from rustane.mil.dialect import to_dialect
+
+        text = emit(to_dialect(parse(text), "ios16"))
+    return text
+
+
+def _matmul_mil(k: int) -> str:
+    """[1,1,192,k] @ [1,1,k,192]: contracts over k (every surface above the minimum)."""
+    return (HEADER + "{\n"
+            f"    func main<ios18>({t((1, 1, 192, k))} a, {t((1, 1, 192, k))} b) {{\n"
+            "        bool bF = const()[name=string(\"bF\"), val=bool(false)];\n"
+            "        bool bT = const()[name=string(\"bT\"), val=bool(true)];\n"
+            f"        {t((1, 1, 192, 192))} z = matmul(transpose_x=bF, transpose_y=bT, x=a, y=b)[name=string(\"z\")];\n"
+            "    } -> (z);\n}\n")
+
+
+def _run_double(backend, c, w, mil=None):
+    k = backend.compile(mil or _double_mil(c, w), {}, "rule")
+    x = k.alloc(k.inputs[0])
+    z = k.alloc(k.outputs[0])
+    data = (np.arange(c * w) % 251 / 64 - 2).astype(np.float16).reshape(c, w)
+    x.write(data)
+    req = k.request([x], [z])
+    try:
+        req.eval()
+        return data * np.float16(2), z.read()
+    finally:
+        del req
+        k.close()
+
+
+@pytest.fixture
+def profiled(fake, request):
+    """install(profile) -> the hook; removed after the test (tests/fake_profiles.py)."""
+    import fake_profiles
+
+    def install(profile):
+        return fake_profiles.install(FAKE[1], profile)
+
+    yield install
+    fake_profiles.uninstall()
+
+
+PROFILE_IDS = [f"{c}-{o}" for c in ("m1", "m2", "m3", "m4", "m5") for o in (15, 26)]
+
+
+@fake_only
+@pytest.mark.parametrize("pid", PROFILE_IDS)
+def test_fake_behaves_like_the_evidence_for_each_profile(fake, profiled, pid):
+    """For every chip profile, a program breaking each shape rule gets what docs/ane-rules.md says the
+    hardware does (0x1d, zeros, corrupted columns, compile rejection); a program inside the rules
+    evaluates correctly. The guards refuse these shapes first (tests/test_ane_guard.py)."""
+    from rustane.backends.ane import AneBackend, AneError
+    from rustane.mil import ane_rules
+
+    chip, os_major = pid.split("-")
+    prof = ane_rules.profile(chip, int(os_major))
+    hook = profiled(prof)
+    dialect = prof.dialects[0]
+    be = AneBackend(check=False, dialect=dialect)
+    # inside every rule: exact
+    want, got = _run_double(be, 384, 64)
+    np.testing.assert_array_equal(got, want)
+    # min-surface: 16 x 64 fp16 = 2 KB -> 0x1d at eval
+    with pytest.raises(AneError) as ei:
+        _run_double(be, 16, 64)
+    assert (ei.value.code, ei.value.stage) == (0x1D, "eval")
+    # min-width: width 48 (>= 32) -> 0x1d
+    with pytest.raises(AneError) as ei:
+        _run_double(be, 1024, 48)
+    assert ei.value.code == 0x1D
+    # zero-width: width 16 fp16 -> silent zeros, no error
+    want, got = _run_double(be, 2048, 16)
+    assert np.abs(want).max() > 0 and not got.any()
+    # width-multiple: width 200 -> silently wrong columns, no error
+    want, got = _run_double(be, 128, 200)
+    bad = np.nonzero((got != want).any(axis=0))[0]
+    assert bad.size and bad.min() >= 192  # the tail past the last whole group of 16
+    # max-width: width 16,400 -> compile rejected
+    with pytest.raises(AneError) as ei:
+        be.compile(_double_mil(2, 16400), {}, "wide")
+    assert (ei.value.code, ei.value.stage) == (ane_rules.FAKE_COMPILE_REJECTED, "compile")
+    rules_seen = {e[0] for e in hook.events}
+    assert {"min-surface", "min-width", "zero-width", "width-multiple", "max-width"} <= rules_seen
+    assert "hook-error" not in rules_seen, hook.events
+
+
+@fake_only
+def test_fake_rejects_what_m1_m2_on_macos26_reject(fake, profiled):
+    from rustane.backends.ane import AneBackend, AneError
+    from rustane.mil import ane_rules
+
+    profiled(ane_rules.profile("m1", 26))
+    with pytest.raises(AneError) as ei:  # dialect: program(1.3) text
+        AneBackend(check=False, dialect="ios18").compile(_double_mil(384, 64), {}, "d")
+    assert ei.value.stage == "compile"
+    want, got = _run_double(AneBackend(check=False, dialect="ios16"), 384, 64)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(AneError):  # matmul-op
+        AneBackend(check=False, dialect="ios16").compile(_matmul_mil(384), {}, "mm")
+    profiled(ane_rules.profile("m1", 15))
+    AneBackend(check=False, dialect="ios18").compile(_matmul_mil(384), {}, "mm").close()
+
+
+@fake_only
+def test_fake_strict_profile_zeroes_flagged_matmul_inner_dims(fake, profiled):
+    from rustane.backends.ane import AneBackend
+    from rustane.mil import ane_rules
+
+    profiled(ane_rules.profile("m4", 26).strict())
+    be = AneBackend(check=False)
+    rng = np.random.default_rng(0)
+    for k_dim, zeros in ((384, False), (400, True)):
+        k = be.compile(_matmul_mil(k_dim), {}, "mm")
+        a, b = (rng.standard_normal((1, 192, k_dim)).astype(np.float16) for _ in range(2))
+        bufs = [k.alloc(s) for s in k.inputs]
+        for buf, x in zip(bufs, (a, b)):
+            buf.write(x.reshape(buf.spec.view_shape))
+        z = k.alloc(k.outputs[0])
+        req = k.request(bufs, [z])
+        req.eval()
+        out = z.read()
+        del req
+        k.close()
+        assert (not out.any()) == zeros, k_dim
+
+
+@fake_only
+def test_fake_compile_budget_fails_load_with_0x50004(fake, profiled):
+    import dataclasses
+
+    from rustane.backends.ane import AneBackend, AneError
+    from rustane.mil import ane_rules
+
+    profiled(dataclasses.replace(ane_rules.profile("m4", 26), compile_budget=3))
+    be = AneBackend(check=False)
+    for i in range(3):
+        be.compile(_double_mil(384 + 16 * i, 64), {}, "b").close()
+    with pytest.raises(AneError) as ei:
+        be.compile(_double_mil(512, 64), {}, "b")
+    assert (ei.value.code, ei.value.stage) == (0x50004, "load")
+
+
 @fake_only
 def test_compile_budget_warning(fake, backend):
     """Past ANE_COMPILE_WARN_AT compiles per process every compile warns and names the budget.
