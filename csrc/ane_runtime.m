@@ -102,6 +102,7 @@ typedef struct dir_ref {
     struct dir_ref *next;
     char path[PATH_MAX];
     int users;
+    int owned; /* created by this process: removed with the last user; otherwise never removed */
 } dir_ref;
 static dir_ref *g_dirs;
 
@@ -358,19 +359,21 @@ static int dir_acquire(const char *path)
     return 0;
 }
 
-static int dir_register(const char *path)
+static int dir_register(const char *path, int owned)
 {
     dir_ref *d = calloc(1, sizeof *d);
     if (!d)
         return -1;
     snprintf(d->path, sizeof d->path, "%s", path);
     d->users = 1;
+    d->owned = owned;
     d->next = g_dirs;
     g_dirs = d;
     return 0;
 }
 
-/* Called with g_lock held. Returns 1 if the caller was the last user (and must remove the dir). */
+/* Called with g_lock held. Returns 1 if the caller was the last user of a directory this process
+ * created (and must remove it). */
 static int dir_release(const char *path)
 {
     for (dir_ref **pp = &g_dirs; *pp; pp = &(*pp)->next) {
@@ -378,12 +381,33 @@ static int dir_release(const char *path)
         if (strcmp(d->path, path) == 0) {
             if (--d->users > 0)
                 return 0;
+            int owned = d->owned;
             *pp = d->next;
             free(d);
-            return 1;
+            return owned;
         }
     }
-    return 1;
+    return 0;
+}
+
+/* Replace `path` atomically (a private temp file renamed over it): the directory may be another
+ * process's, compiling the same content-keyed program right now. */
+static int replace_private_file(const char *path, const void *data, size_t n, ane_error *err)
+{
+    char tmp[PATH_MAX];
+    if ((size_t)snprintf(tmp, sizeof tmp, "%s.rustane-%ld", path, (long)getpid()) >= sizeof tmp) {
+        set_error(err, "tmpdir", ANE_E_OS, "temp path too long");
+        return -1;
+    }
+    unlink(tmp);
+    if (write_private_file(tmp, data, n, err) != 0)
+        return -1;
+    if (rename(tmp, path) != 0) {
+        set_error(err, "tmpdir", ANE_E_OS, "rename %s: %s", tmp, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
 }
 
 /* Create <tmp>/<hex>/model.mil and one <tmp>/<hex>/weights/<file> per blob (ANE_FACTS §1.2 step 3). */
@@ -398,41 +422,42 @@ static int populate_tmpdir(ane_model *m, const char *mil, size_t mil_len, size_t
         goto out;
     }
     struct stat st;
+    int existing = 0;
     if (lstat(m->tmpdir, &st) == 0) {
-        /* Left over by a process that died before unloading (or, rarely, being compiled by another
-         * process right now: the compiler insists on this path, so that race cannot be avoided).
-         * Start from scratch rather than trust files we did not write. */
+        /* Left by a process that died before unloading, or being compiled by another process
+         * right now (the id is content-keyed, so its files are ours byte for byte). Never delete
+         * it (docs/ane-rules.md, "Other facts"): rewrite our files in place, atomically, and
+         * leave the directory where it is when we are done. */
         if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid()) {
             set_error(err, "tmpdir", ANE_E_OS, "%s exists and is not a directory owned by this user", m->tmpdir);
             goto out;
         }
-        if (remove_tree(m->tmpdir, err) != 0) {
-            if (err)
-                snprintf(err->stage, sizeof err->stage, "tmpdir");
-            goto out;
-        }
-    }
-    if (make_private_dir(m->tmpdir, err) != 0)
+        existing = 1;
+    } else if (make_private_dir(m->tmpdir, err) != 0) {
         goto out;
+    }
     snprintf(path, sizeof path, "%s/weights", m->tmpdir);
-    if (make_private_dir(path, err) != 0)
+    if (mkdir(path, 0700) != 0 && !(existing && errno == EEXIST)) {
+        set_error(err, "tmpdir", ANE_E_OS, "mkdir %s: %s", path, strerror(errno));
         goto fail;
+    }
     snprintf(path, sizeof path, "%s/model.mil", m->tmpdir);
-    if (write_private_file(path, mil, mil_len, err) != 0)
+    if ((existing ? replace_private_file : write_private_file)(path, mil, mil_len, err) != 0)
         goto fail;
     for (size_t i = 0; i < n_weights; i++) {
         snprintf(path, sizeof path, "%s/%s", m->tmpdir, weight_relpath(names[i]));
-        if (write_private_file(path, blobs[i], sizes[i], err) != 0)
+        if ((existing ? replace_private_file : write_private_file)(path, blobs[i], sizes[i], err) != 0)
             goto fail;
     }
-    if (dir_register(m->tmpdir) != 0) {
+    if (dir_register(m->tmpdir, !existing) != 0) {
         set_error(err, "tmpdir", ANE_E_OS, "out of memory");
         goto fail;
     }
     rc = 0;
     goto out;
 fail:
-    remove_tree(m->tmpdir, NULL);
+    if (!existing)
+        remove_tree(m->tmpdir, NULL);
 out:
     pthread_mutex_unlock(&g_lock);
     return rc;

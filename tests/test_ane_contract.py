@@ -380,6 +380,29 @@ def test_fake_sha256_matches_hashlib(fake):
 
 
 @fake_only
+def test_a_temp_dir_another_process_made_is_reused_and_never_deleted(fake, backend):
+    """<tmp>/<id> that exists already may be another process's compile of the same program: our
+    files are rewritten in place, its files stay, and close() leaves the directory."""
+    import shutil
+
+    root = _tmp_root()
+    mil = add_mil((1, 6, 1, 8), (1, 6, 1, 8))
+    other = root / framework_model_id(mil, {})
+    (other / "weights").mkdir(parents=True, mode=0o700)
+    other.chmod(0o700)
+    (other / "model.mil").write_text("stale")
+    (other / "theirs.lock").write_text("in use")
+    try:
+        k = backend.compile(mil, {}, "shared")
+        assert Path(k.tmpdir) == other
+        assert (other / "model.mil").read_text() == mil
+        k.close()
+        assert other.is_dir() and (other / "theirs.lock").read_text() == "in use"
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+@fake_only
 def test_identical_models_share_the_temp_dir_until_the_last_closes(fake, backend):
     k1 = backend.compile(add_mil(), {}, "one")
     k2 = backend.compile(add_mil(), {}, "two")
