@@ -89,7 +89,9 @@ def bench_generate(src: str | Path | None = None, prompt: str = "The capital of 
                 dt = time.perf_counter() - t0
                 e2e.append(max_tokens / dt)
                 decode.append((max_tokens - 1) / max(dt - statistics.median(pre), 1e-9))
-                same = y[0, len(ids):].tolist() == tokens
+                # min_new_tokens masks EOS in transformers: compare up to our first EOS
+                k = next((i for i, t in enumerate(tokens) if t in model.eos_ids), len(tokens))
+                same = y[0, len(ids):len(ids) + k].tolist() == tokens[:k]
         out["transformers"] = {"tokens_per_s_end_to_end": statistics.median(e2e),
                                "tokens_per_s_decode": statistics.median(decode), "all_runs_decode": decode,
                                "torch_threads": torch.get_num_threads(), "same_greedy_tokens": same}
