@@ -17,6 +17,7 @@ from pathlib import Path
 from rustane import checkpoint
 from rustane.config import ConfigError, preset, preset_names
 from rustane.data import DataError, open_dataset
+from rustane.selfcheck import SelfCheckError
 
 DEFAULT_STEPS = 1200
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             if not source.exists():
                 source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
         data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
-    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError,
+            SelfCheckError) as exc:
         raise SystemExit(f"error: {exc}")
 
     cfg = eng.config
