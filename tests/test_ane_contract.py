@@ -638,6 +638,7 @@ def test_probe_through_the_fake_finds_the_dialect_and_falls_back(fake, backend):
 
 def test_probe_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     from rustane import probe
+    from rustane.backends.ane import probe_cache
 
     path = tmp_path / "probe.json"
     assert probe.load_cached_probe(path) is None
@@ -645,7 +646,8 @@ def test_probe_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     probe.save_probe(result, path)
     assert probe.load_cached_probe(path) == result
     other = dict(probe.machine_key(), os="0.0-other")
-    monkeypatch.setattr(probe, "machine_key", lambda: other)  # an OS update invalidates the cache
+    # an OS update invalidates the cache (the cache module is the backend's; the probe re-exports it)
+    monkeypatch.setattr(probe_cache, "machine_key", lambda: other)
     assert probe.load_cached_probe(path) is None
     path.write_text("{not json")
     assert probe.load_cached_probe(path) is None
@@ -845,10 +847,12 @@ def test_ane_backend_guards_with_the_probed_profile(fake, tmp_path, monkeypatch)
     from rustane.config import preset
     from rustane.mil import ane_rules
 
-    monkeypatch.setattr(probe, "cache_path", lambda: tmp_path / "probe.json")
+    from rustane.backends.ane import probe_cache
+
+    monkeypatch.setattr(probe_cache, "cache_path", lambda: tmp_path / "probe.json")
     assert AneBackend().ane_profile == ane_rules.CONSERVATIVE
     machine = dict(probe.machine_key(), chip="Apple M1", os="26.1")
-    monkeypatch.setattr(probe, "machine_key", lambda: machine)
+    monkeypatch.setattr(probe_cache, "machine_key", lambda: machine)
     probe.save_probe({"cache_version": probe.CACHE_VERSION, "machine": machine, "ane": True, "dialect": "ios16"})
     be = AneBackend()
     assert be.ane_profile == ane_rules.profile("m1", 26) and be.dialect == "ios16"
