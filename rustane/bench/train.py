@@ -17,7 +17,6 @@ measured, not asserted: tests never time anything.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
@@ -220,14 +219,3 @@ def run(args) -> int:
     if args.gate and not all(g["pass"] for g in res["gates"].values()):
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Old entry point (``rustane.bench.main``): the whole CLI."""
-    from rustane.bench.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
