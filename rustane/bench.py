@@ -133,7 +133,9 @@ def bench_train(preset_name: str, accum: int, steps: int, warmup: int, torch_bas
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rustane.bench", description="rustane benchmarks (JSON out)")
+    from rustane.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m rustane.bench", description="rustane benchmarks (JSON out)")
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="training throughput: sim fp32/fp16 vs PyTorch eager, null-backend overhead")
     t.add_argument("--preset", default="stories15m", choices=preset_names())
@@ -197,4 +199,6 @@ def _main_generate(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

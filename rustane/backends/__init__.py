@@ -43,7 +43,9 @@ def get(name: str = "auto", **options) -> Backend:
 
         reason = ane.unavailable_reason()
         if reason is not None:
-            raise RuntimeError(f"the ane backend is not available here: {reason}. Use --backend sim.")
+            from rustane.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"the ane backend is not available here: {reason}. Use --backend sim.")
         options.pop("precision", None)
         return ane.AneBackend(**options)
     if name == "null":
