@@ -50,21 +50,8 @@ class Sampler:
 
 def render_chat(template: str, messages: Sequence[Mapping[str, str]], settings: Mapping[str, Any],
                 add_generation_prompt: bool = True) -> str:
-    """The chat prompt text, rendered the way transformers renders chat templates: a sandboxed
-    jinja2 environment with ``trim_blocks``/``lstrip_blocks``, a ``raise_exception`` helper and
-    the tokenizer's special tokens as variables."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The chat prompt text, rendered the way transformers renders chat templates
+    (``rustane.chat_template``)."""
+    from rustane.chat_template import render
 
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    special = {}
-    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        v = settings.get(k)
-        special[k] = v.get("content") if isinstance(v, dict) else v
-    return env.from_string(template).render(messages=list(messages),
-                                            add_generation_prompt=add_generation_prompt, **special)
+    return render(template, messages, settings, add_generation_prompt=add_generation_prompt)
