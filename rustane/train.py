@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from rustane import checkpoint
+from rustane import backends, checkpoint
 from rustane.cli import ArgumentParser, HelpFormatter
 from rustane.config import preset, preset_names
 from rustane.data import open_dataset
@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.json for text data (default: train a byte-level BPE, cached beside the text)")
     m.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of the data for validation")
     r = p.add_argument_group("runtime")
-    r.add_argument("--backend", default="auto", choices=["auto", "sim", "ane"],
+    r.add_argument("--backend", default="auto", choices=backends.cli_choices(),
                    help="auto = ANE when available, else the simulator")
-    r.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+    r.add_argument("--precision", default="fp16", choices=backends.precisions(),
                    help="simulator arithmetic: fp16 models the ANE, fp32 is exact math")
     r.add_argument("--seed", type=int, default=None, help="initialisation and data-sampling seed (default 0)")
     r.add_argument("--research", action="store_true",
