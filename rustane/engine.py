@@ -147,13 +147,16 @@ def _check_engine_args(config, backend, precision, seed, train, params, ane_rule
     than deep inside the model build."""
     if not isinstance(config, (str, ModelConfig)) and not hasattr(config, "param_shapes"):
         raise UsageError(f"Engine: config must be a preset name or a ModelConfig, got {type(config).__name__}")
+    from rustane import backends
+
     if isinstance(backend, str):
-        if backend not in ("auto", "sim", "ane", "null"):
-            raise UsageError(f"Engine: backend must be one of auto, sim, ane, null (or a Backend), got {backend!r}")
+        if backend != "auto" and backend not in backends.names():
+            raise UsageError(f"Engine: backend must be one of auto, {', '.join(backends.names())} "
+                             f"(or a Backend), got {backend!r}")
     elif not hasattr(backend, "compile"):
         raise UsageError(f"Engine: backend must be a name or a Backend instance, got {type(backend).__name__}")
-    if precision not in ("fp16", "fp32"):
-        raise UsageError(f"Engine: precision must be 'fp16' or 'fp32', got {precision!r}")
+    if not isinstance(precision, str) or precision not in backends.precisions():
+        raise UsageError(f"Engine: precision must be one of {', '.join(backends.precisions())}, got {precision!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise UsageError(f"Engine: seed must be a non-negative integer, got {seed!r}")
     if train is not None and not isinstance(train, TrainConfig):
