@@ -89,11 +89,19 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
             previous_term = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     except ValueError:  # not the main thread (embedded use): leave signals alone
         pass
+    # code that handles its own errors (python -m rustane.bench) asks debug_enabled() too
+    previous_env = os.environ.get("RUSTANE_DEBUG")
+    if debug:
+        os.environ["RUSTANE_DEBUG"] = "1"
     try:
         code = _call(main, argv, debug)
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+        if previous_env is None:
+            os.environ.pop("RUSTANE_DEBUG", None)
+        else:
+            os.environ["RUSTANE_DEBUG"] = previous_env
     raise SystemExit(0 if code is None else int(code))
 
 

@@ -264,5 +264,5 @@ def test_other_tools_report_bad_input_as_one_line(tmp_path):
     assert_one_error_line(_cli("rustane.evaluate", "--model", tmp_path / "nope", "--data", tmp_path / "x.txt",
                                cwd=tmp_path), "does not exist")
     assert_one_error_line(_cli("rustane.bench", "train", "--steps", "0", cwd=tmp_path), "--steps must be >= 1")
-    assert_one_error_line(_cli("rustane.bench", cwd=tmp_path), "required")
+    assert_one_error_line(_cli("rustane.bench", cwd=tmp_path), "subcommand")
     assert_one_error_line(_cli("rustane.probe", "--bogus", cwd=tmp_path), "--bogus")
