@@ -1083,8 +1083,8 @@ def test_selfcheck_passes_clean_kernels_and_a_cached_pass_skips_it(fake, tmp_pat
 
 @fake_only
 def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tmp_path):
-    """``train --backend ane`` on a corrupted kernel: exit status 1 (SystemExit with the message),
-    one ``error:`` line naming the kernel and the way out, no traceback, no checkpoint."""
+    """``train --backend ane`` on a corrupted kernel: exit status 2 (an expected failure,
+    rustane.cli), one ``error:`` line naming the kernel and the way out, no traceback, no checkpoint."""
     if importlib.util.find_spec("rustane.train") is None:
         pytest.skip("the training CLI (rustane.train) is not in this build")
     ane, path = FAKE
@@ -1094,7 +1094,7 @@ def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tm
     r = subprocess.run([sys.executable, "-P", "-m", "rustane.train", "--preset", "tiny", "--steps", "2",
                         "--eval-every", "0", "--sample", "0", "--no-progress", "--backend", "ane",
                         "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ANE self-check: kernel wotBwd"), r.stderr
     assert "Traceback" not in r.stderr and "--backend sim" in lines[0]
@@ -1134,10 +1134,10 @@ def test_doctor_through_the_fake_ane_checks_every_kernel_and_trains_bit_identica
 
 
 @fake_only
-def test_doctor_reports_the_one_corrupted_kernel_and_exits_1(fake, tmp_path):
+def test_doctor_reports_the_one_corrupted_kernel_and_exits_3(fake, tmp_path):
     texts, plan = _kernel_texts()
     r, rep = _doctor_in_fake_build(tmp_path, FAKEANE_CORRUPT=_sha(texts["ffnBwdW2t"]))
-    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.returncode == 3, r.stderr[-3000:]
     assert rep["status"] == "problems"
     status = {k["name"]: k["status"] for k in rep["kernels"]}
     assert status == {n: ("mismatch" if n == "ffnBwdW2t" else "ok") for n in plan}
