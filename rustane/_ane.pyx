@@ -66,7 +66,7 @@ BUILT_WITH_FAKE = bool(RUSTANE_BUILT_WITH_FAKE)
 
 
 cdef object _raise(ane_error *e):
-    from rustane.backends.ane import AneError
+    from rustane.backends.ane.errors import AneError
 
     raise AneError(e.code, e.stage.decode(errors="replace"), e.message.decode(errors="replace"))
 

@@ -3,7 +3,7 @@
 In one process, on the same model shape and the same token batch:
 
 - the engine on the simulator in fp32 and fp16 (tokens/s and the per-phase ms split),
-- PyTorch CPU eager training of the same Llama (``rustane.torch_llama``, fp32, AdamW),
+- PyTorch CPU eager training of the same Llama (``rustane.testing.torch_llama``, fp32, AdamW),
 - the engine on the null backend (kernel evals cost nothing), giving the Python orchestration
   time per kernel eval.
 
@@ -58,7 +58,7 @@ def _torch_run(cfg, batch, steps: int, warmup: int) -> dict:
     import torch
 
     from rustane.model import init_params
-    from rustane.torch_llama import forward
+    from rustane.testing.torch_llama import forward
 
     params = {k: torch.tensor(v, requires_grad=True) for k, v in init_params(cfg, 0).items()}
     decay = [p for k, p in params.items() if not k.endswith("norm.weight")]

@@ -96,26 +96,12 @@ class StepStats:
 
 
 def make_backend(name: str = "auto", precision: str = "fp16", ane_rules: bool = True):
-    """A backend for training. ``precision`` is a simulator setting: "fp32" runs the kernels
-    rendered in fp32 (exact math); the ANE always computes in fp16. ``ane_rules=False`` lets the
-    simulator build models whose kernels break ANE rules (research configs; docs/ane-rules.md)."""
+    """A backend for training. Which backend runs which precision, and which may build models
+    that break ANE rules (``ane_rules=False``, docs/ane-rules.md), is the registry's to decide
+    (``rustane.backends.get``): "fp32" is exact math on the simulator, the ANE computes in fp16."""
     from rustane import backends
 
-    if precision not in ("fp16", "fp32"):
-        raise ValueError(f"--precision must be fp16 or fp32, got {precision!r}")
-    if precision == "fp32":
-        if name == "ane" or (name == "auto" and backends.available().get("ane") == ""):
-            raise ValueError("--precision fp32 is a simulator mode; the ANE computes in fp16 "
-                             "(use --backend sim for fp32)")
-        name = "sim"
-    if not ane_rules and name != "sim":
-        raise ValueError("configs that break ANE rules run on the simulator only: use --backend sim "
-                         "(see docs/ane-rules.md)")
-    if name in ("ane", "null"):
-        return backends.get(name)
-    if name == "sim":
-        return backends.get(name, precision=precision, ane_rules=ane_rules)
-    return backends.get(name, precision=precision)
+    return backends.get(name, precision=precision, ane_rules=ane_rules)
 
 
 def kernel_flops_per_sequence(cfg: ModelConfig) -> float:

@@ -21,60 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = 1
+# the cache lives with the ANE backend that reads it; re-exported for the CLI and old callers
+from rustane.backends.ane.probe_cache import (  # noqa: F401
+    CACHE_VERSION, cache_path, load_cached_probe, machine_key, save_probe,
+)
+
 SURFACE_SIZES = (64, 256, 1024, 4096, 16384, 49152, 65536)  # bytes, for the minimum-surface search
-
-
-# ---- cache -------------------------------------------------------------------------------------------
-def cache_path() -> Path:
-    if sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "rustane" / "probe.json"
-
-
-def machine_key() -> dict:
-    """What a cached probe is valid for: the chip and the OS build."""
-    chip = platform.processor() or platform.machine()
-    if sys.platform == "darwin":
-        try:
-            chip = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or chip
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return {"system": platform.system(), "os": platform.mac_ver()[0] or platform.release(),
-            "machine": platform.machine(), "chip": chip}
-
-
-def load_cached_probe(path: Path | None = None) -> dict | None:
-    """The cached probe result for this machine, or None (absent, stale, other chip/OS, unreadable)."""
-    p = path or cache_path()
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("cache_version") != CACHE_VERSION or data.get("machine") != machine_key():
-        return None
-    return data
-
-
-def save_probe(result: dict, path: Path | None = None) -> Path:
-    p = path or cache_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
-    os.replace(tmp, p)
-    return p
 
 
 # ---- tiny MIL programs in either dialect -------------------------------------------------------------

@@ -14,9 +14,10 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from rustane import checkpoint
+from rustane import backends, checkpoint
 from rustane.config import ConfigError, preset, preset_names
 from rustane.data import DataError, open_dataset
+from rustane.selfcheck import SelfCheckError
 
 DEFAULT_STEPS = 1200
 
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer.json for text data (default: train a byte-level BPE, cached beside the text)")
     m.add_argument("--val-fraction", type=float, default=0.05, help="held-out tail of the data for validation")
     r = p.add_argument_group("runtime")
-    r.add_argument("--backend", default="auto", choices=["auto", "sim", "ane"],
+    r.add_argument("--backend", default="auto", choices=backends.cli_choices(),
                    help="auto = ANE when available, else the simulator")
-    r.add_argument("--precision", default="fp16", choices=["fp16", "fp32"],
+    r.add_argument("--precision", default="fp16", choices=backends.precisions(),
                    help="simulator arithmetic: fp16 models the ANE, fp32 is exact math")
     r.add_argument("--seed", type=int, default=None, help="initialisation and data-sampling seed (default 0)")
     r.add_argument("--research", action="store_true",
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             if not source.exists():
                 source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
         data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
-    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError,
+            SelfCheckError) as exc:
         raise SystemExit(f"error: {exc}")
 
     cfg = eng.config

@@ -638,6 +638,7 @@ def test_probe_through_the_fake_finds_the_dialect_and_falls_back(fake, backend):
 
 def test_probe_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     from rustane import probe
+    from rustane.backends.ane import probe_cache
 
     path = tmp_path / "probe.json"
     assert probe.load_cached_probe(path) is None
@@ -645,7 +646,8 @@ def test_probe_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     probe.save_probe(result, path)
     assert probe.load_cached_probe(path) == result
     other = dict(probe.machine_key(), os="0.0-other")
-    monkeypatch.setattr(probe, "machine_key", lambda: other)  # an OS update invalidates the cache
+    # an OS update invalidates the cache (the cache module is the backend's; the probe re-exports it)
+    monkeypatch.setattr(probe_cache, "machine_key", lambda: other)
     assert probe.load_cached_probe(path) is None
     path.write_text("{not json")
     assert probe.load_cached_probe(path) is None
@@ -689,7 +691,7 @@ def test_training_through_the_fake_is_bit_identical_to_sim_fp16(fake, tmp_path):
               "--sample", "0", "--no-progress", "--seed", "3"]
     runs = {"sim": ["--backend", "sim", "--precision", "fp16"], "ane": ["--backend", "ane"]}
     for name, extra in runs.items():
-        env = dict(os.environ, **{ane.FAKE_ENV: path})
+        env = dict(os.environ, **{ane.FAKE_ENV: path, "RUSTANE_CACHE": str(tmp_path / "cache")})
         r = subprocess.run([sys.executable, *common, *extra, "--out", str(tmp_path / name)], env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"{name}: {r.stdout[-2000:]}\n{r.stderr[-4000:]}"
@@ -845,10 +847,12 @@ def test_ane_backend_guards_with_the_probed_profile(fake, tmp_path, monkeypatch)
     from rustane.config import preset
     from rustane.mil import ane_rules
 
-    monkeypatch.setattr(probe, "cache_path", lambda: tmp_path / "probe.json")
+    from rustane.backends.ane import probe_cache
+
+    monkeypatch.setattr(probe_cache, "cache_path", lambda: tmp_path / "probe.json")
     assert AneBackend().ane_profile == ane_rules.CONSERVATIVE
     machine = dict(probe.machine_key(), chip="Apple M1", os="26.1")
-    monkeypatch.setattr(probe, "machine_key", lambda: machine)
+    monkeypatch.setattr(probe_cache, "machine_key", lambda: machine)
     probe.save_probe({"cache_version": probe.CACHE_VERSION, "machine": machine, "ane": True, "dialect": "ios16"})
     be = AneBackend()
     assert be.ane_profile == ane_rules.profile("m1", 26) and be.dialect == "ios16"
@@ -910,6 +914,104 @@ def test_fake_compile_budget_fails_load_with_0x50004(fake, profiled):
     with pytest.raises(AneError) as ei:
         be.compile(_double_mil(512, 64), {}, "b")
     assert (ei.value.code, ei.value.stage) == (0x50004, "load")
+
+
+def _kernel_texts(preset_name="tiny"):
+    """name -> MIL text of every training kernel of a preset, rendered here from the plan."""
+    from rustane import models
+    from rustane.config import preset
+    from rustane.runtime.plan import render
+
+    cfg = preset(preset_name)
+    family = models.family_for(cfg)
+    plan = family.plan_for(family.kernel_shape(cfg, "fp16"))
+    return {name: render(spec) for name, spec in plan.items()}, plan
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@fake_only
+@pytest.mark.parametrize("victim", ["sdpaBwd1", "ffnFused"])
+def test_selfcheck_catches_one_silently_corrupted_kernel(fake, tmp_path, monkeypatch, victim):
+    """The fake returns one wrong element from ONE kernel (FAKEANE_CORRUPT): building the model on
+    the ANE stops with that kernel, the element the fake changed (its index computed here from the
+    fake's rule, value 100) and the way out; nothing is cached as a pass."""
+    from rustane.engine import Engine
+    from rustane.selfcheck import SelfCheckError
+
+    texts, plan = _kernel_texts()
+    assert len({_sha(t) for t in texts.values()}) == len(texts)  # the hash names exactly one kernel
+    monkeypatch.setenv("RUSTANE_CACHE", str(tmp_path))
+    monkeypatch.setenv("FAKEANE_CORRUPT", _sha(texts[victim]))
+    with pytest.raises(SelfCheckError) as ei:
+        Engine("tiny", backend="ane", seed=0)
+    err = ei.value
+    assert [f.kernel for f in err.failed] == [victim]
+    _, c, _, s = plan[victim].out_shape
+    at = (2 * c * s) // 3  # fakeane.m corrupt_if_asked: two thirds into the first output
+    idx, got, want = err.failed[0].worst
+    assert idx == (at // s, at % s) and got == 100.0 and abs(want) < 10
+    msg = str(err)
+    assert f"kernel {victim}" in msg and "--backend sim" in msg and "python -m rustane.doctor" in msg
+    assert "\n" not in msg
+    assert [p.name for p in (tmp_path / "selfcheck").iterdir() if not p.name.endswith(".failed.json")] == []
+    (failed,) = (tmp_path / "selfcheck").glob("*.failed.json")
+    rec = json.loads(failed.read_text())
+    assert {k["kernel"]: k["ok"] for k in rec["kernels"]} == {n: n != victim for n in plan}
+
+
+@fake_only
+def test_selfcheck_passes_clean_kernels_and_a_cached_pass_skips_it(fake, tmp_path, monkeypatch):
+    """Nothing injected: every kernel passes and the pass is cached under RUSTANE_CACHE. The second
+    build skips the check: even a corruption injected now goes unnoticed (that is what the cache
+    means: this chip + OS + kernel text were proven). Another OS version checks again."""
+    from rustane import probe
+    from rustane.engine import Engine
+    from rustane.selfcheck import SelfCheckError
+
+    texts, plan = _kernel_texts()
+    monkeypatch.setenv("RUSTANE_CACHE", str(tmp_path))
+    monkeypatch.delenv("FAKEANE_CORRUPT", raising=False)
+    eng = Engine("tiny", backend="ane", seed=0)
+    rec = eng.model.selfcheck
+    eng.model.close()
+    assert rec["ok"] and not rec["cached"]
+    assert [k["kernel"] for k in rec["kernels"]] == list(plan)
+    assert all(k["ok"] and k["max_abs_err"] == 0.0 for k in rec["kernels"])  # the fake is bit-identical
+    (cached,) = (tmp_path / "selfcheck").glob("*.json")
+    assert json.loads(cached.read_text())["key"] == cached.stem
+    monkeypatch.setenv("FAKEANE_CORRUPT", _sha(texts["sdpaFwd"]))
+    eng = Engine("tiny", backend="ane", seed=0)
+    assert eng.model.selfcheck["cached"] is True
+    eng.model.close()
+    other = dict(probe.machine_key(), os="99.0-other")
+    monkeypatch.setattr(probe, "machine_key", lambda: other)
+    with pytest.raises(SelfCheckError, match="kernel sdpaFwd"):
+        Engine("tiny", backend="ane", seed=0)
+
+
+@fake_only
+def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tmp_path):
+    """``train --backend ane`` on a corrupted kernel: exit status 1 (SystemExit with the message),
+    one ``error:`` line naming the kernel and the way out, no traceback, no checkpoint."""
+    if importlib.util.find_spec("rustane.train") is None:
+        pytest.skip("the training CLI (rustane.train) is not in this build")
+    ane, path = FAKE
+    texts, _ = _kernel_texts()
+    env = dict(os.environ, **{ane.FAKE_ENV: path, "RUSTANE_CACHE": str(tmp_path / "cache"),
+                              "FAKEANE_CORRUPT": _sha(texts["wotBwd"])})
+    r = subprocess.run([sys.executable, "-P", "-m", "rustane.train", "--preset", "tiny", "--steps", "2",
+                        "--eval-every", "0", "--sample", "0", "--no-progress", "--backend", "ane",
+                        "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ANE self-check: kernel wotBwd"), r.stderr
+    assert "Traceback" not in r.stderr and "--backend sim" in lines[0]
+    assert not list((tmp_path / "run").glob("step-*"))
 
 
 @fake_only

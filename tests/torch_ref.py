@@ -1,4 +1,4 @@
-"""The PyTorch reference Llama lives in the package (rustane.torch_llama) so the benchmark can use
+"""The PyTorch reference Llama lives in the package (rustane.testing.torch_llama) so the benchmark can use
 it too; tests import it under this short name."""
 
-from rustane.torch_llama import forward, init_params, params_to_torch, rmsnorm, rope  # noqa: F401
+from rustane.testing.torch_llama import forward, init_params, params_to_torch, rmsnorm, rope  # noqa: F401

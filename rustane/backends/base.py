@@ -1,4 +1,5 @@
-"""The one narrow interface every backend implements (sim, ane, null).
+"""The one narrow interface every backend implements (sim, ane, null), and what a backend module
+declares to be found by name (``BackendInfo``).
 
 A backend compiles MIL text (plus named weight blobs) into a ``Kernel``. A kernel allocates
 ``Buffer``s shaped like its inputs/outputs and binds them into ``Request``s; evaluating a
@@ -139,3 +140,31 @@ class HostBuffer(Buffer):
 
     def lock(self, readonly: bool = False) -> _HostLock:
         return self._lock_ro if readonly else self._lock_rw
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a backend module tells the registry (``rustane.backends``) about itself.
+
+    Every module in ``rustane/backends/`` that defines ``BACKEND = BackendInfo(...)`` and
+    ``unavailable_reason()`` is a backend, found by its ``name``; nothing else needs editing to
+    add one. The registry alone turns a name, a precision and the ANE-rules switch into an
+    instance (``rustane.backends.get``), so the special cases live there and here, not in callers.
+
+    - ``create(precision, ane_rules, **options)`` builds the backend; ``precision`` is one of
+      ``precisions`` (the first is the default) and ``ane_rules`` is False only when ``research``.
+    - ``auto_rank``: ``auto`` picks the available backend with the highest rank (None: never).
+    - ``cli``: listed in the ``--backend`` choices of the CLIs (the null backend is a bench tool).
+    - ``research``: can build models whose kernels break ANE rules (docs/ane-rules.md).
+    - ``on_hardware``: computes on an accelerator, so its rounding is the hardware's (the fp16
+      simulator is its stand-in in tests).
+    """
+
+    name: str
+    summary: str
+    create: "object"  # Callable[..., Backend]; typed loosely so the dataclass stays hashable
+    precisions: tuple[str, ...] = ("fp16",)
+    auto_rank: int | None = None
+    cli: bool = True
+    research: bool = False
+    on_hardware: bool = False

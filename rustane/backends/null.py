@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .base import Backend, Buffer, HostBuffer, Kernel, Request, TensorSpec
+from .base import Backend, BackendInfo, Buffer, HostBuffer, Kernel, Request, TensorSpec
 
 __all__ = ["NullBackend", "NullKernel", "io_specs"]
 
@@ -92,3 +92,20 @@ class NullBackend(Backend):
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> NullKernel:
         ins, outs = io_specs(mil_text)
         return NullKernel(name or "main", ins, outs)
+
+
+def unavailable_reason() -> str | None:
+    return None
+
+
+def _create(precision: str, ane_rules: bool, **options) -> NullBackend:
+    return NullBackend(**options)  # computes nothing, so neither setting changes anything
+
+
+BACKEND = BackendInfo(
+    name="null",
+    summary="kernels that compute nothing: the bench's measure of Python orchestration per eval",
+    create=_create,
+    precisions=("fp16", "fp32"),
+    cli=False,
+)

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .base import Backend, Buffer, HostBuffer, Kernel, Request, TensorSpec
+from .base import Backend, BackendInfo, Buffer, HostBuffer, Kernel, Request, TensorSpec
 
 __all__ = ["SimBackend", "SimKernel", "SimRequest", "validate_buffers"]
 
@@ -165,3 +165,22 @@ class SimBackend(Backend):
     def __repr__(self) -> str:
         return (f"SimBackend(precision={self.precision!r}, check={self.check}, target={self.target!r}, "
                 f"io_dtype={self.io_dtype!r}, ane_rules={self.ane_profile is not None})")
+
+
+def unavailable_reason() -> str | None:
+    """The simulator is numpy only: it runs everywhere."""
+    return None
+
+
+def _create(precision: str, ane_rules: bool, **options) -> SimBackend:
+    return SimBackend(precision=precision, ane_rules=ane_rules, **options)
+
+
+BACKEND = BackendInfo(
+    name="sim",
+    summary="the MIL simulator (numpy): fp16 models the ANE's rounding, fp32 is exact math",
+    create=_create,
+    precisions=("fp16", "fp32"),
+    auto_rank=0,
+    research=True,
+)

@@ -28,7 +28,7 @@ import numpy as np
 from rustane.array_views import memory_root, rows_view
 
 from . import ast as A
-from .interp import F16, F32, MilPlanError, Node, ValueInfo, storage_dtype
+from .plan import F16, F32, MilPlanError, Node, ValueInfo, literal_value, storage_dtype
 
 BUILDERS: dict[str, Callable[["OpCompiler"], Node | ValueInfo]] = {}
 _REQUIRED = object()
@@ -80,8 +80,6 @@ class OpCompiler:
                 self.fail(f"argument {name}={v.name} uses a name that is not defined before it", v.loc)
             return info
         if isinstance(v, A.Literal):
-            from .interp import literal_value
-
             raw = literal_value(v, self.blobs, self.st)
             if isinstance(raw, str):
                 return ValueInfo(f"<{name}>", A.STRING, (), None, const=raw, raw=raw)
@@ -1253,10 +1251,8 @@ def _constexpr_affine_dequantize(c: OpCompiler):
     zp_raw = c.static("zero_point", None, attrs=True)
     scale_raw = c.static("scale", attrs=True)
     out_dt, scale, zp = _dequant(c, qd, None, scale_raw, zp_raw, axis, qd.shape)
-    from .interp import storage_dtype as _sd
-
     vals = ((qd.astype(np.float32) - zp) * scale).astype(A.DTYPES[out_dt])  # rounded to the declared dtype
-    sto = _sd(out_dt, c.precision)
+    sto = storage_dtype(out_dt, c.precision)
     const = vals.astype(sto)
     const.flags.writeable = False
     return ValueInfo(c.st.name, out_dt, tuple(qd.shape), sto, const=const, raw=vals)

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from rustane import ane_guard, cpu_ops, cpu_threads, models, native
+from rustane import ane_guard, cpu_ops, cpu_threads, models, native, selfcheck
 from rustane.runtime.kernel_set import KernelSet
 from rustane.runtime.timing import PhaseTimer
 from rustane.runtime.workspace import Workspace
@@ -62,6 +62,13 @@ class Model:
         self.timer = PhaseTimer()
         self.kernels_set = KernelSet(self.plan, backend, cfg.n_layers, self.ws, self.timer)
         self.kernels = self.kernels_set.kernels
+        try:
+            # the first run of these kernels on this chip + OS is compared with the fp16 simulator
+            # (silent corruption stops here, before a step; rustane/selfcheck.py)
+            self.selfcheck = selfcheck.ensure(self.plan, self.kernels, backend)
+        except BaseException:
+            self.kernels_set.close()
+            raise
         self.compile_seconds = self.kernels_set.compile_seconds
         self.math = self.family.Step(self)
         if keep_frozen:

@@ -47,6 +47,10 @@ typedef long (*fakeane_hook_fn)(int stage, const char *mil, size_t mil_len, size
                                 size_t n_out, void *const *out_ptrs, const size_t *out_sizes);
 void fakeane_set_hook(fakeane_hook_fn fn);
 
+/* Environment: FAKEANE_CORRUPT=<SHA-256 hex of a MIL text> makes evaluations of that program return
+ * one silently wrong element (fp16 100.0 at two thirds of its first output), as a miscompiled kernel
+ * would; the self-check's tests use it (tests/test_ane_contract.py). */
+
 /* SHA-256 of n bytes as 64 upper-case hex digits (the fake's own implementation, exported so the
  * tests can check it against an independent one). */
 void fakeane_sha256_hex(const void *data, size_t n, char out[65]);

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "fakeane.h"
@@ -169,6 +170,32 @@ static long profile_hook(int stage, NSData *mil, size_t n_in, const size_t *in_s
     if (!fn)
         return 0;
     return fn(stage, [mil bytes], [mil length], n_in, in_sizes, n_out, out_ptrs, out_sizes);
+}
+
+/* FAKEANE_CORRUPT=<SHA-256 of one program's MIL text, hex>: that program's first output comes back
+ * with one element silently wrong, the way a miscompiled kernel on a real chip would look. The
+ * self-check (rustane/selfcheck.py) must catch it and name the kernel. An environment variable
+ * rather than a hook so that a subprocess (the training CLI, the doctor) can be corrupted too. */
+#define FAKEANE_CORRUPT_VALUE 0x5640u /* fp16 100.0 */
+
+static void corrupt_if_asked(NSData *mil, size_t n_out, void *const *out_ptrs, const size_t *out_sizes)
+{
+    const char *want = getenv("FAKEANE_CORRUPT");
+    if (!want || !*want || n_out == 0 || out_sizes[0] < 2)
+        return;
+    sha256_ctx c;
+    unsigned char d[32];
+    char hex[65];
+    sha256_init(&c);
+    sha256_update(&c, [mil bytes], [mil length]);
+    sha256_final(&c, d);
+    sha256_hex(d, hex);
+    if (strcasecmp(hex, want) != 0)
+        return;
+    /* element two thirds of the way in: not the first or last, where a test might look first */
+    size_t n = out_sizes[0] / 2, at = (2 * n) / 3;
+    uint16_t v = FAKEANE_CORRUPT_VALUE;
+    memcpy((unsigned char *)out_ptrs[0] + 2 * at, &v, sizeof v);
 }
 
 /* ---- IOSurface shim over malloc ---------------------------------------------------------------- */
@@ -754,6 +781,7 @@ static void check_options(id options, NSError **error, const char *sel)
     /* where the hardware is silently wrong, the profile rewrites the outputs and still succeeds */
     if ((code = profile_hook(FAKEANE_EVAL_AFTER, _descriptor->_mil, n_in, in_sizes, n_out, out_ptrs, out_sizes)) != 0)
         return fail_with(error, code, @"eval (chip profile)");
+    corrupt_if_asked(_descriptor->_mil, n_out, out_ptrs, out_sizes);
     return YES;
 }
 

@@ -26,24 +26,13 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .base import Backend, Buffer, Kernel, Request, TensorSpec
+from ..base import Backend, Buffer, Kernel, Request, TensorSpec
+from .errors import AneError
 
 FAKE_ENV = "RUSTANE_ANE_FAKE"
 FAKE_LIBRARY = "libfakeane.so"
 
 __all__ = ["AneError", "AneBackend", "unavailable_reason", "fake_library_path", "FAKE_ENV"]
-
-
-class AneError(RuntimeError):
-    """A failed ANE call: ``code`` is the NSError code (e.g. 0x50004) or a negative runtime code,
-    ``stage`` names the step (init, descriptor, model, tmpdir, compile, load, surface, lock, request,
-    eval, unload)."""
-
-    def __init__(self, code: int, stage: str, message: str):
-        self.code = int(code)
-        self.stage = stage
-        self.message = message
-        super().__init__(f"ANE {stage} failed (code {self.code:#x}): {message}")
 
 
 def _runtime():
@@ -97,52 +86,10 @@ def unavailable_reason() -> str | None:
             what = "fake framework" if path else "framework"
             return f"{what} failed to load: {e.message}"
         if path:
-            _install_sim_evaluator(_ane)
+            from .fake import install_sim_evaluator
+
+            install_sim_evaluator(_ane)
     return None
-
-
-# ---- the fake framework's evaluator: the fp16 simulator --------------------------------------------
-class _SimEvaluator:
-    """Runs one fake-framework evaluation through the sim backend (precision fp16).
-
-    Kernels are cached by MIL text and weights, so a model evaluated many times compiles once.
-    """
-
-    def __init__(self):
-        from . import get
-
-        # The hardware runs no rule checker; AneBackend(check=...) decides that before compiling.
-        self.backend = get("sim", precision="fp16", check=False)
-        self._cache: dict[tuple, Kernel] = {}
-
-    def __call__(self, text: str, weights: dict, inputs: list, outputs: list) -> None:
-        key = (text, tuple(sorted(weights.items())))
-        kernel = self._cache.get(key)
-        if kernel is None:
-            kernel = self._cache[key] = self.backend.compile(text, weights, name="fakeane")
-        if len(inputs) != len(kernel.inputs) or len(outputs) != len(kernel.outputs):
-            raise ValueError(f"request binds {len(inputs)} inputs / {len(outputs)} outputs, the program has "
-                             f"{len(kernel.inputs)} / {len(kernel.outputs)}")
-        for raw, spec in zip(list(inputs) + list(outputs), kernel.inputs + kernel.outputs):
-            if raw.nbytes != spec.nbytes:
-                raise ValueError(f"surface for {spec.name} has {raw.nbytes} bytes, the MIL type needs {spec.nbytes}")
-        ins = [kernel.alloc(s) for s in kernel.inputs]
-        outs = [kernel.alloc(s) for s in kernel.outputs]
-        for buf, raw in zip(ins, inputs):
-            buf.write(raw.view(buf.spec.dtype).reshape(buf.spec.view_shape))
-        kernel.eval(ins, outs)
-        for buf, raw in zip(outs, outputs):
-            raw[...] = np.ascontiguousarray(buf.read()).reshape(-1).view(np.uint8)
-
-
-_evaluator_installed = False
-
-
-def _install_sim_evaluator(_ane) -> None:
-    global _evaluator_installed
-    if not _evaluator_installed:
-        _ane.set_fake_evaluator(_SimEvaluator())
-        _evaluator_installed = True
 
 
 # ---- MIL signature -> tensor specs -------------------------------------------------------------------
@@ -269,7 +216,8 @@ class AneBackend(Backend):
         self.check = check
         self.target = target
         from rustane.mil.ane_rules import profile_from_probe
-        from rustane.probe import load_cached_probe
+
+        from .probe_cache import load_cached_probe
 
         cached = load_cached_probe()
         # the chip profile the guards check models against (docs/ane-rules.md): the probed chip and
