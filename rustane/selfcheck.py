@@ -207,7 +207,7 @@ def ensure(plan, kernels, backend, seed: int = 0) -> dict | None:
     next to the cache as ``selfcheck/<key>.failed.json`` and not cached as a pass)."""
     if getattr(backend, "name", None) != "ane":
         return None
-    from rustane.probe import machine_key
+    from rustane.backends.ane.probe_cache import machine_key
 
     texts = render_plan(plan)
     machine = machine_key()
