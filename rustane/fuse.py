@@ -30,21 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of error: lines")
     args = p.parse_args(argv)
+    from rustane.errors import OutputDirError
     from rustane.formats.hf import save_hf_folder
-    try:
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--out {out} exists and is not empty; choose a new folder")
-        m = merged_model(args.model, args.adapter_path)
-        save_hf_folder(m, out)
-    except (ValueError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise OutputDirError(f"--out {out} exists and is not empty; choose a new folder")
+    m = merged_model(args.model, args.adapter_path)
+    save_hf_folder(m, out)
     print(f"[fused {args.adapter_path} into {args.model} -> {out}]", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

@@ -26,6 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
+from rustane.errors import RustaneError
 from rustane.models.llama import params as P
 
 __all__ = ["TARGETS", "LoraConfig", "AdapterError", "peft_name", "save_adapter", "load_adapter",
@@ -37,7 +38,7 @@ TARGETS = {"q_proj": P.WQ, "k_proj": P.WK, "v_proj": P.WV, "o_proj": P.WO,
            "gate_proj": P.W1, "up_proj": P.W3, "down_proj": P.W2}
 
 
-class AdapterError(ValueError):
+class AdapterError(RustaneError, ValueError):
     """A bad or mismatched adapter (the message names the file and the fix)."""
 
 

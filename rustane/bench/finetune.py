@@ -59,21 +59,23 @@ def smollm2_path() -> Path:
 
 # ---- the real fine-tune ---------------------------------------------------------------------------
 
-def exact_match(imported, rows, max_new: int = 16) -> float:
-    """Share of rows whose greedy continuation (to end-of-sequence) is the completion exactly."""
+def exact_match(imported, rows) -> float:
+    """Share of rows whose greedy continuation (to end-of-sequence) is the completion exactly
+    (generation stops one token past the completion's length: a longer answer is wrong anyway)."""
     from rustane.decoder import KVCacheDecoder
     tok = imported.tokenizer()
     dec = KVCacheDecoder.from_imported(imported)
     hits = 0
     for r in rows:
         ids = tok.encode(r["prompt"]).ids
-        gen = dec.generate(ids, max_new, temperature=0.0, stop_ids=imported.eos_ids)
+        n = len(tok.encode(r["completion"], add_special_tokens=False).ids) + 1
+        gen = dec.generate(ids, n, temperature=0.0, stop_ids=imported.eos_ids)
         text = tok.decode([t for t in gen.tokens if t not in imported.eos_ids])
         hits += text == r["completion"]
     return hits / len(rows)
 
 
-def real_finetune(src=None, *, steps: int = 60, n_train: int = 96, n_test: int = 24, seq_len: int = 32,
+def real_finetune(src=None, *, steps: int = 30, n_train: int = 96, n_test: int = 24, seq_len: int = 40,
                   precision: str = "fp32", lr: float = 2e-3, rank: int = 8, batch: int = 4, seed: int = 0,
                   targets: str = ALL_TARGETS, workdir: str | None = None) -> dict:
     """LoRA-tune ``src`` (default SmolLM2-135M-Instruct) on ``fact_rows``; exact match on held-out
@@ -303,7 +305,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default=ALL_TARGETS)
-    p.add_argument("--real-steps", type=int, default=60)
+    p.add_argument("--real-steps", type=int, default=30)
     p.add_argument("--qwen3-seq-len", type=int, default=256)
     p.add_argument("--no-qwen3", action="store_true", help="memory: skip the Qwen3-0.6B child")
 
