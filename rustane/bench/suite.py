@@ -1,0 +1,182 @@
+"""``python -m rustane.bench --suite ci [--out FILE]``: the quick fixed set the CI gate compares.
+
+Designed for a shared 2-core machine (docs/benchmarks.md, "Why the gate does not flake"):
+
+- The measurements run in a child process pinned to one CPU with every BLAS/OpenMP pool at one
+  thread, and each side is timed in *CPU seconds of this process*, not wall seconds. Another
+  process taking the core stretches wall time but not the CPU time our work needs; PyTorch's two
+  OpenMP threads collapsing under contention (a swing to "5.3× PyTorch" in one wall-clock run)
+  cannot happen with one thread.
+- Sides interleave (sim fp32, sim fp16, PyTorch, sgemm yardstick, sim fp32, …), and the gated
+  figures are per-round ratios: what slows the whole machine (frequency, a neighbour thrashing
+  the shared cache) hits both sides of a ratio alike.
+- Every repeat records the CPU time other processes took on our CPU; contended rounds are marked,
+  retried a bounded number of times, and left out of the median when enough clean rounds remain.
+
+``RUSTANE_BENCH_INJECT_SLOWDOWN=0.3`` burns an extra 30 % CPU time inside each simulator step's
+measurement: the proof that the gate catches a slowdown (docs/benchmarks.md). Nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+SUITES = {
+    # the gate's set: ~1 s of CPU per round; 13 rounds keep the median steady on a loaded machine
+    "ci": {"preset": "stories15m", "seq_len": 256, "rounds": 13, "retries": 3, "warmup": 3, "null_steps": 5},
+    # the same measurements at the tiny preset in seconds: for tests of the machinery, not a gate
+    "smoke": {"preset": "tiny", "seq_len": 192, "rounds": 3, "retries": 0, "warmup": 1, "null_steps": 1},
+}
+_ONE_THREAD = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+# glibc malloc keeps freed memory instead of returning it to the kernel: PyTorch's eager step
+# frees and re-allocates ~100 MB of activations, and with the default thresholds each step took
+# 30k-120k page faults whose system time swung 0.005-0.57 s with the neighbours' memory traffic
+# (the step's user time stayed 0.31-0.35 s). With these, steady-state steps take no page faults.
+_KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+              "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def _pin_one_cpu() -> int | None:
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[-1]})
+        return cpus[-1]
+    except (AttributeError, OSError):
+        return None  # macOS: no affinity API; the CPU clock still measures our own work
+
+
+def run_suite(name: str, out: str | None, debug: bool = False) -> int:
+    """Parent: run the suite's child with one-thread pools, add the wall time, write the JSON."""
+    env = {**os.environ, **_ONE_THREAD, **_KEEP_HEAP, "RUSTANE_BENCH_DEBUG": "1" if debug else ""}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rustane.bench", "_suite-child", name],
+                          env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        print(f"error: the {name} suite's benchmark process failed (exit {proc.returncode}); "
+              "rerun with --debug for its traceback", file=sys.stderr)
+        return 2
+    doc = json.loads(proc.stdout)
+    doc["details"]["suite_wall_s"] = round(time.perf_counter() - t0, 1)
+    text = json.dumps(doc, indent=1) + "\n"
+    if out:
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+        print(f"wrote {out} ({len(doc['metrics'])} metrics, {doc['details']['suite_wall_s']} s)", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _sgemm_yardstick():
+    """A fixed single-thread sgemm (~2.8 GFLOP, ~25 ms here): the unit the step is expressed in."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((384, 384)).astype(np.float32)
+    b = rng.standard_normal((384, 640)).astype(np.float32)
+    c = np.empty((384, 640), np.float32)
+
+    def run():
+        for _ in range(15):
+            np.matmul(a, b, out=c)
+    return run, 15 * 2 * 384 * 384 * 640
+
+
+def child_main(name: str) -> int:
+    try:
+        return _child(name)
+    except Exception as exc:
+        if os.environ.get("RUSTANE_BENCH_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _child(name: str) -> int:
+    cpu = _pin_one_cpu()
+    import numpy as np
+
+    from rustane.bench import metrics as M
+    from rustane.bench.train import EngineSide, TorchSide, _batch, null_orchestration
+    from rustane.config import preset
+
+    spec = SUITES[name]
+    inject = float(os.environ.get("RUSTANE_BENCH_INJECT_SLOWDOWN", "0") or 0)
+    cfg = preset(spec["preset"], seq_len=spec["seq_len"])
+    batch = _batch(cfg, 1)
+    sides: dict = {}
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        sides["sim_fp32"] = EngineSide(cfg, "sim", "fp32", batch, 64)
+        sides["sim_fp16"] = EngineSide(cfg, "sim", "fp16", batch, 64)
+        sides["torch_eager_fp32"] = TorchSide(cfg, batch)
+        sgemm, sgemm_flops = _sgemm_yardstick()
+        fns = {k: s.step for k, s in sides.items()}
+        fns["sgemm"] = sgemm
+        for _ in range(spec["warmup"]):
+            for f in fns.values():
+                f()
+        burn = {"sim_fp32": inject, "sim_fp16": inject} if inject else None
+        rounds = M.interleaved(fns, spec["rounds"], clock="cpu", retries=spec["retries"], burn=burn)
+        summaries = {k: s.summary(spec["warmup"]) for k, s in sides.items()}
+    finally:
+        for s in sides.values():
+            s.close()
+    tag = f"ci.train.{spec['preset']}.s{spec['seq_len']}"
+    cont = [r["_contended"] for r in rounds]
+    mets = []
+    for prec in ("fp32", "fp16"):
+        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_vs_torch", rounds, "torch_eager_fp32", f"sim_{prec}", "x",
+                                   "higher", vs="torch_eager_fp32",
+                                   note="tokens/s ratio sim / PyTorch eager (1 thread), CPU seconds per round"))
+        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_in_sgemm_units", rounds, f"sim_{prec}", "sgemm", "sgemm",
+                                   "lower", vs="sgemm yardstick",
+                                   note="CPU time of one step over one fixed single-thread sgemm, per round"))
+    for k in ("sim_fp32", "sim_fp16", "torch_eager_fp32"):
+        mets.append(M.metric(f"{tag}.{k}.cpu_ms_per_step", [1e3 * r[k] for r in rounds], "ms", "lower",
+                             "absolute", cont))
+    mets.append(M.metric("ci.sgemm.gflops_1thread", [sgemm_flops / r["sgemm"] / 1e9 for r in rounds], "GFLOP/s",
+                         "higher", "absolute", cont))
+    mets += _conversion_metrics(M)
+    null = null_orchestration(cfg, 1, spec["null_steps"], 1)
+    mets.append(M.metric(f"ci.null.{spec['preset']}.us_per_eval", [null["us_per_eval_orchestration"]], "us",
+                         "lower", "absolute", note="best median of 3 on the null backend"))
+    details = {"suite": spec, "pinned_cpu": cpu, "inject_slowdown": inject, "sides": summaries, "null": null,
+               "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds],
+               "round_records": [r["_repeats"] for r in rounds], "numpy": np.__version__,
+               "torch": torch.__version__}
+    doc = M.document("suite", mets, details, backend="sim", suite=name)
+    sys.stdout.write(json.dumps(doc))
+    return 0
+
+
+def _conversion_metrics(M) -> list[dict]:
+    """fp16 conversion (rustane.native) against numpy's astype, interleaved, CPU seconds."""
+    import numpy as np
+
+    from rustane import native
+
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal(1 << 21).astype(np.float32)
+    x16 = x32.astype(np.float16)
+    o16, o32 = np.empty_like(x16), np.empty_like(x32)
+    reps = 8
+    fns = {"ours_f32_to_f16": lambda: [native.f32_to_f16(x32, out=o16) for _ in range(reps)],
+           "numpy_f32_to_f16": lambda: [np.copyto(o16, x32, casting="unsafe") for _ in range(reps)],
+           "ours_f16_to_f32": lambda: [native.f16_to_f32(x16, out=o32) for _ in range(reps)],
+           "numpy_f16_to_f32": lambda: [np.copyto(o32, x16, casting="unsafe") for _ in range(reps)]}
+    for f in fns.values():
+        f()
+    rounds = M.interleaved(fns, 9, clock="cpu", retries=2)
+    return [M.ratio_metric(f"ci.native.{d}_vs_numpy", rounds, f"numpy_{d}", f"ours_{d}", "x", "higher",
+                           vs="numpy copyto (same arrays)", note="conversion speed, ours / numpy, per round")
+            for d in ("f32_to_f16", "f16_to_f32")]
