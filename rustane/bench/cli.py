@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from rustane.cli import ArgumentParser, debug_enabled
+
 #: subcommand -> module under rustane.bench
 COMMANDS = {
     "native": "native",
@@ -29,12 +31,12 @@ def _module(name: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rustane.bench",
+    # rustane.cli's parser: one-line flag errors, --debug declared
+    p = ArgumentParser(prog="python -m rustane.bench",
                                 description="rustane benchmarks: JSON results, baselines, a noise-aware gate")
     p.add_argument("--suite", choices=SUITES, default=None,
                    help="run a fixed set of benchmarks (ci: the quick set the CI gate uses, <= 3 min on 2 cores; smoke: the same at the tiny preset, for tests)")
     p.add_argument("--out", default=None, help="with --suite: write the result JSON here (default: stdout)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="what", metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
         mod = _module(name)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give a subcommand or --suite ci")
         return _module(args.what).run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        if args.debug:
+        if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
