@@ -43,10 +43,15 @@ def _runtime():
 
 
 def fake_library_path() -> str | None:
-    """The test fake framework named by ``RUSTANE_ANE_FAKE``, if that file exists. A
-    ``-Dane_fake=true`` build leaves it in its build folder (``tests/fakeane/libfakeane.so``): it is
-    test scaffolding and never installed with the package."""
+    """The test fake framework: the file ``RUSTANE_ANE_FAKE`` names, else the one a
+    ``-Dane_fake=true`` build left in its build folder (``tests/fakeane/libfakeane.so``, recorded in
+    the runtime: the fake is test scaffolding and never installed with the package)."""
     path = os.environ.get(FAKE_ENV)
+    if not path:
+        try:
+            path = getattr(_runtime(), "FAKE_LIBRARY_PATH", "")
+        except ImportError:
+            return None
     return path if path and Path(path).is_file() else None
 
 
@@ -71,7 +76,7 @@ def unavailable_reason() -> str | None:
             return "not macOS: no Apple Neural Engine here"
         path = os.environ.get(FAKE_ENV)
         if not path:
-            hint = f"<build dir>/tests/fakeane/{FAKE_LIBRARY}"
+            hint = fake_library_path() or f"<build dir>/tests/fakeane/{FAKE_LIBRARY}"
             return (f"not macOS: no Apple Neural Engine here (this build carries the test fake framework; "
                     f"set {FAKE_ENV}={hint} to use it)")
     with _init_lock:
