@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 
 from rustane import checkpoint, models
 from rustane.config import ModelConfig, preset
-from rustane.errors import UsageError
+from rustane.errors import ResumeError, UsageError
+from rustane.interrupts import Interrupted, StopRequests
 from rustane.optim import AdamW, CosineSchedule, make_loss_scaler
 from rustane.runtime.model import Model
 
@@ -142,6 +141,17 @@ def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
     return models.family_for(cfg).flops_per_sequence(cfg)
 
 
+def saved_train_config(state: dict[str, Any], where: Path) -> TrainConfig | None:
+    """The ``TrainConfig`` a checkpoint's trainer state recorded (None when it has none)."""
+    if "train" not in state:
+        return None
+    try:
+        return TrainConfig(**state["train"])
+    except (TypeError, UsageError) as exc:
+        raise ResumeError(f"{where / checkpoint.STATE_FILE}: bad training settings ({exc}); resume from "
+                          f"another checkpoint, or start a new run from its weights with --model {where}") from None
+
+
 def _check_engine_args(config, backend, precision, seed, train, params, ane_rules) -> None:
     """Engine arguments of the wrong type or value fail here, with the argument named, rather
     than deep inside the model build."""
@@ -200,10 +210,14 @@ class Engine:
                         train: TrainConfig | None = None, expected: ModelConfig | None = None,
                         load_optimizer: bool = True, ane_rules: bool = True) -> "Engine":
         """Restore an engine. ``train`` overrides the saved training settings (a warning names what
-        changed, since exact resume needs the same ones); ``expected`` refuses a different model."""
+        changed, since exact resume needs the same ones); ``expected`` refuses a different model.
+        With ``load_optimizer`` (resuming) a checkpoint without complete, consistent trainer and
+        optimizer state is refused (``checkpoint.check_resumable``); without it, the weights load."""
+        if load_optimizer:
+            checkpoint.check_resumable(path)
         ck = checkpoint.load(path, expected, load_optimizer=load_optimizer)
         state = ck.trainer_state
-        saved_train = TrainConfig(**state["train"]) if "train" in state else None
+        saved_train = saved_train_config(state, Path(path))
         if train is not None and saved_train is not None and train != saved_train:
             a, b = asdict(saved_train), asdict(train)
             log.warning("training settings differ from the checkpoint's (resume will not be exact): %s",
@@ -404,6 +418,8 @@ class Engine:
         metrics = None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+            for p in checkpoint.clean_stale_temps(out_dir):
+                log.info("removed %s (a save interrupted when its process died)", p)
             metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
         history: list[StepStats] = []
         evals: list[tuple[int, float]] = []
@@ -420,44 +436,41 @@ class Engine:
             if on_eval:
                 on_eval(self.step, val)
 
-        # Ctrl-C stops at the next step boundary, so a checkpoint written then resumes exactly
-        # (a second Ctrl-C aborts at once)
-        interrupted: list[bool] = []
-
-        def on_sigint(signum, frame):
-            if interrupted:
-                raise KeyboardInterrupt
-            interrupted.append(True)
-
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        # SIGINT/SIGTERM stop at the next step boundary and save there, so the checkpoint resumes
+        # exactly; a second signal does not abandon that save, a third aborts (rustane.interrupts)
         last_saved = None
+        stops = StopRequests()
         try:
-            if eval_every and self.step == 0:
-                do_eval()
-            while self.step < total:
-                x, y = self.sampler.next_batch(accum)
-                st = self.train_step((x, y))
-                history.append(st)
-                record({"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
-                        "loss_scale": st.loss_scale, "skipped": st.skipped, "tokens_per_s": st.tokens_per_second,
-                        "ms": st.ms})
-                if on_step:
-                    on_step(st)
-                if eval_every and (self.step % eval_every == 0 or self.step == total):
+            with stops:
+                if eval_every and self.step == 0:
                     do_eval()
-                if out_dir is not None and save_every and self.step % save_every == 0:
+                while self.step < total and not stops.requested:
+                    x, y = self.sampler.next_batch(accum)
+                    st = self.train_step((x, y))
+                    history.append(st)
+                    record({"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
+                            "loss_scale": st.loss_scale, "skipped": st.skipped,
+                            "tokens_per_s": st.tokens_per_second, "ms": st.ms})
+                    if on_step:
+                        on_step(st)
+                    if stops.requested:
+                        break
+                    if eval_every and (self.step % eval_every == 0 or self.step == total):
+                        do_eval()
+                    if out_dir is not None and save_every and self.step % save_every == 0:
+                        stops.saving = True
+                        last_saved = self.save_step(out_dir, keep)
+                        stops.saving = False
+                if out_dir is not None and last_saved != self.step:
+                    stops.saving = True
                     last_saved = self.save_step(out_dir, keep)
-                if interrupted:
-                    raise KeyboardInterrupt
-            if out_dir is not None and last_saved != self.step:
-                self.save_step(out_dir, keep)
+                    stops.saving = False
         finally:
             if metrics is not None:
                 metrics.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+        if stops.requested:
+            saved = checkpoint.step_dir(out_dir, self.step) if out_dir is not None else None
+            raise Interrupted(stops.signame or "interrupt", self.step, saved)
         return {"history": history, "evals": evals, "report": self.efficiency_report(history)}
 
     def save_step(self, out_dir: str | os.PathLike, keep: int | None = None) -> int:

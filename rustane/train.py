@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from rustane import backends, checkpoint
-from rustane.cli import ArgumentParser, HelpFormatter
+from rustane.cli import EXIT_INTERRUPTED, ArgumentParser, HelpFormatter
 from rustane.config import preset, preset_names
 from rustane.data import open_dataset
 from rustane.errors import UsageError
+from rustane.interrupts import Interrupted
 
 DEFAULT_STEPS = 1200
 
@@ -97,6 +99,24 @@ def _resolve_resume(args, out: Path) -> Path | None:
     return Path(args.resume)
 
 
+def _resume_command(argv: list[str] | None, out: Path) -> str:
+    """The command line that continues this run: the same flags with ``--resume auto``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keep: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--out=")) or a in ("--overwrite", "--debug"):
+            continue
+        keep.append(a)
+    return shlex.join(["python", "-m", "rustane.train", *keep, "--out", str(out), "--resume", "auto"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -104,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("--sample", args.sample), ("--eval-batches", args.eval_batches)):
         if v < 0:
             raise UsageError(f"{name} must be >= 0, got {v}")
-    from rustane.engine import Engine, TrainConfig
+    from rustane.engine import Engine, saved_train_config
 
     if args.model and args.preset:
         raise UsageError("--model and --preset both choose the model; pass one of them")
@@ -122,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = args.tokenizer
     if resume is not None:
         expected = preset(args.preset) if args.preset else None
-        ck_state = checkpoint.trainer_state(resume)  # the tensors are read once, by from_checkpoint
-        saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
+        ck_state = checkpoint.check_resumable(resume)  # the tensors are read once, by from_checkpoint
+        saved = saved_train_config(ck_state, resume)
         tc = _train_config(args, saved)
         eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
                                      expected=expected, ane_rules=not args.research)
@@ -194,12 +214,20 @@ def main(argv: list[str] | None = None) -> int:
         result = eng.fit(data, out=out, save_every=args.save_every, keep=args.keep or None,
                          eval_every=args.eval_every, eval_batches=args.eval_batches,
                          on_step=on_step, on_eval=on_eval)
+    except Interrupted as stop:
+        if bar is not None:
+            bar.close()
+        print(f"{stop.signame}: stopped after step {stop.step}; checkpoint saved to {stop.checkpoint}\n"
+              f"resume with: {_resume_command(argv, out)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        print(f"\ninterrupted after step {eng.step}; saving a checkpoint (resume continues exactly)")
-        eng.save_step(out, args.keep or None)
-        return 130
+        last = checkpoint.latest(out)
+        print(f"aborted during step {eng.step + 1} without saving it; "
+              + (f"the last complete checkpoint is {last}; resume with: {_resume_command(argv, out)}"
+                 if last is not None else "no checkpoint was written"), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()
