@@ -78,8 +78,9 @@ def _cache_dir() -> Path:
     return base / "rustane" / f"ane-fake-build-{sys.version_info[0]}{sys.version_info[1]}-{key}"
 
 
-def _build_fake_tier(prefix: Path) -> Path:
-    """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages."""
+def _build_fake_tier(prefix: Path) -> tuple[Path, Path]:
+    """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages and
+    the fake framework, which stays in the build folder (it is never installed)."""
     build_dir = _cache_dir()
     # --ignore-installed: without it pip "upgrades" by uninstalling the rustane this test session
     # is running from before installing into the prefix
@@ -100,16 +101,19 @@ def _build_fake_tier(prefix: Path) -> Path:
                     pytrace=False)
     sites = list(prefix.glob("lib*/python*/site-packages"))
     assert sites, f"no site-packages under {prefix}"
-    return sites[0]
+    assert not list(prefix.rglob("libfakeane*")), "the fake framework must not be installed"
+    lib = build_dir / "tests" / "fakeane" / "libfakeane.so"
+    assert lib.is_file(), f"the -Dane_fake=true build left no {lib}"
+    return sites[0], lib
 
 
 def test_contract_tier(tmp_path_factory):
     """Build rustane with the fake framework and run the contract tests against it."""
     require_tools("clang", "gnustep-config", "gcc", hint=HINT)
     if os.environ.get(INNER_ENV):
-        unavailable("the -Dane_fake=true build did not produce rustane._ane with libfakeane.so")
-    site = _build_fake_tier(tmp_path_factory.mktemp("ane-fake-prefix"))
-    env = dict(os.environ, PYTHONPATH=str(site), **{INNER_ENV: "1"})
+        unavailable("the -Dane_fake=true build did not produce rustane._ane, or RUSTANE_ANE_FAKE names no libfakeane.so")
+    site, lib = _build_fake_tier(tmp_path_factory.mktemp("ane-fake-prefix"))
+    env = dict(os.environ, PYTHONPATH=str(site), **{INNER_ENV: "1", "RUSTANE_ANE_FAKE": str(lib)})
     cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
