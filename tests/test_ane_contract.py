@@ -934,6 +934,45 @@ def test_fake_behaves_like_the_evidence_for_each_profile(fake, profiled, pid):
     assert "hook-error" not in rules_seen, hook.events
 
 
+def _reshape_mil(c: int, w: int, inner: tuple) -> str:
+    """x [1,c,1,w] reshaped to ``inner`` and back, doubled: I/O stays [1,c,1,w], one tensor inside
+    the program has ``inner``'s dims (docs/ane-rules.md#max-dim)."""
+    dims = ", ".join(map(str, inner))
+    return (HEADER + "{\n"
+            f"    func main<ios18>({t((1, c, 1, w))} x) {{\n"
+            f"        tensor<int32, [4]> s1 = const()[name=string(\"s1\"), val=tensor<int32, [4]>([{dims}])];\n"
+            f"        tensor<int32, [4]> s2 = const()[name=string(\"s2\"), val=tensor<int32, [4]>([1, {c}, 1, {w}])];\n"
+            f"        {t(inner)} r = reshape(shape=s1, x=x)[name=string(\"r\")];\n"
+            f"        {t((1, c, 1, w))} b = reshape(shape=s2, x=r)[name=string(\"b\")];\n"
+            f"        {t((1, c, 1, w))} z = add(x=b, y=b)[name=string(\"z\")];\n"
+            "    } -> (z);\n}\n")
+
+
+@fake_only
+@pytest.mark.parametrize("pid", ["m1-15", "m2-26", "m3-15", "m5-26"])
+def test_fake_rejects_an_inner_dimension_over_the_profiles_max_dim(fake, profiled, pid):
+    """max-dim on purpose: I/O [1,4,1,8192] (inside every I/O rule) with a [1,1,1,32768] tensor
+    inside. M1/M2 (16,384) reject it at compile; M3+ (65,536) run it correctly. The guard's
+    refusal of such configs is tested in tests/test_ane_guard.py."""
+    from rustane.backends.ane import AneBackend, AneError
+    from rustane.mil import ane_rules
+
+    chip, os_major = pid.split("-")
+    prof = ane_rules.profile(chip, int(os_major))
+    hook = profiled(prof)
+    be = AneBackend(check=False, dialect=prof.dialects[0])
+    mil = _reshape_mil(4, 8192, (1, 1, 1, 32768))
+    if 32768 > prof.max_dim:
+        with pytest.raises(AneError) as ei:
+            be.compile(mil, {}, "maxdim")
+        assert (ei.value.code, ei.value.stage) == (ane_rules.FAKE_COMPILE_REJECTED, "compile")
+        assert [e[0] for e in hook.events] == ["max-dim"]
+    else:
+        want, got = _run_double(be, 4, 8192, mil)
+        np.testing.assert_array_equal(got, want)
+        assert hook.events == []
+
+
 @fake_only
 def test_ane_backend_guards_with_the_probed_profile(fake, tmp_path, monkeypatch):
     """No cached probe: the conservative profile; a cached probe of an M1 on macOS 26: that profile,
