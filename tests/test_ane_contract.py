@@ -432,7 +432,7 @@ def test_compile_failure_raises_with_code_and_stage(fake, backend):
         backend.compile(add_mil((1, 2, 1, 8), (1, 2, 1, 8)), {}, "bad")
     assert (ei.value.code, ei.value.stage) == (0x1234, "compile")
     assert "0x1234" in str(ei.value)
-    assert _leftover_dirs(root) == before
+    assert set(_leftover_dirs(root)) <= set(before)  # nothing left behind (earlier kernels may be collected)
 
 
 @fake_only
@@ -457,7 +457,7 @@ def test_load_failure_twice_raises_0x50004(fake, backend):
         backend.compile(add_mil((1, 3, 1, 8), (1, 3, 1, 8)), {}, "noslot")
     assert (ei.value.code, ei.value.stage) == (0x50004, "load")
     assert "retry" in ei.value.message
-    assert _leftover_dirs(root) == before
+    assert set(_leftover_dirs(root)) <= set(before)  # nothing left behind (earlier kernels may be collected)
 
 
 @fake_only
