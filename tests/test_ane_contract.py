@@ -2,7 +2,7 @@
 
 The runtime is compiled with GNUstep + GCC libobjc exactly as written for macOS (manual
 retain/release, objc_msgSend cast to exact prototypes); the fake records every selector and
-argument kind it receives and checks the rules of ANE_FACTS §1–2, §8. Its evaluate runs the MIL
+argument kind it receives and checks the rules of docs/ane-runtime.md#call-sequence, docs/ane-runtime.md#surfaces and docs/ane-runtime.md#limits. Its evaluate runs the MIL
 through the fp16 simulator, so results must match the sim backend byte for byte.
 
 Two ways this file runs:
@@ -277,7 +277,7 @@ def _leftover_dirs(root: Path) -> list[str]:
 
 @fake_only
 def test_call_sequence_matches_ane_facts(fake, backend):
-    """ANE_FACTS §1.2 in order: descriptor (NSData MIL, @{} weights, nil options) -> model -> hex id
+    """docs/ane-runtime.md#call-sequence in order: descriptor (NSData MIL, @{} weights, nil options) -> model -> hex id
     -> compile(21, @{}) -> load -> IO objects -> request (7 objects, procedureIndex @0) -> evaluate
     -> unload, with every CPU access inside a lock and outputs read under a read-only lock."""
     k = backend.compile(add_mil(), {}, "add")
@@ -434,7 +434,7 @@ def test_compile_failure_raises_with_code_and_stage(fake, backend):
         backend.compile(add_mil((1, 2, 1, 8), (1, 2, 1, 8)), {}, "bad")
     assert (ei.value.code, ei.value.stage) == (0x1234, "compile")
     assert "0x1234" in str(ei.value)
-    assert _leftover_dirs(root) == before
+    assert set(_leftover_dirs(root)) <= set(before)  # nothing left behind (earlier kernels may be collected)
 
 
 @fake_only
@@ -459,7 +459,7 @@ def test_load_failure_twice_raises_0x50004(fake, backend):
         backend.compile(add_mil((1, 3, 1, 8), (1, 3, 1, 8)), {}, "noslot")
     assert (ei.value.code, ei.value.stage) == (0x50004, "load")
     assert "retry" in ei.value.message
-    assert _leftover_dirs(root) == before
+    assert set(_leftover_dirs(root)) <= set(before)  # nothing left behind (earlier kernels may be collected)
 
 
 @fake_only
