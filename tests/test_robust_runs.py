@@ -552,3 +552,170 @@ def test_checkpoint_without_optimizer_still_loads_as_weights(saved_run):
     eng = Engine.from_checkpoint(ck, backend="sim", load_optimizer=False)
     _assert_same_params(want, eng.model.params)
     eng.close()
+
+
+# ---- output folders: one run per folder, its history straight ----------------------------------
+
+def _metric_steps(out: Path) -> list[int]:
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def test_rerunning_into_the_same_out_is_refused_and_overwrite_starts_over(finished_run):
+    d, tok = finished_run
+    before = _snapshot(d / "run")
+    p = _train("--data", tok, "--steps", 2, "--eval-every", 0, "--out", d / "run", cwd=d)
+    assert_one_error_line(p, "already holds a run", "--resume auto", "--overwrite", "new --out")
+    assert _snapshot(d / "run") == before
+    # a folder of the user's own files is not ours to delete: only a new folder is offered
+    (d / "mine").mkdir()
+    (d / "mine" / "notes.txt").write_text("keep me")
+    p = _train("--data", tok, "--steps", 2, "--out", d / "mine", "--overwrite", cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert (d / "mine" / "notes.txt").read_text() == "keep me"
+    p = _train("--data", tok, "--steps", 1, "--eval-every", 0, "--out", d / "mine", "--overwrite", cwd=d)
+    assert p.returncode == 0, p.stderr
+    assert [s for s, _ in checkpoint.list_checkpoints(d / "mine")] == [1]
+    assert _metric_steps(d / "mine") == [1]
+    assert (d / "mine" / "notes.txt").read_text() == "keep me"
+    (d / "other").mkdir()
+    (d / "other" / "a.txt").write_text("x")
+    assert_one_error_line(_train("--data", tok, "--out", d / "other", cwd=d), "pass a new or empty --out")
+
+
+def test_run_json_records_command_version_data_hash_and_config(finished_run):
+    import rustane
+
+    d, tok = finished_run
+    run = json.loads((d / "run" / "run.json").read_text())
+    assert run["command"][1:3] == ["-m", "rustane.train"] and "--steps" in run["command"]
+    assert run["rustane_version"] == rustane.__version__
+    assert run["data"]["source"] == str(tok.resolve())
+    # the token file split into train + validation: together, the file's bytes
+    assert run["data"]["sha256"] == hashlib.sha256(tok.read_bytes()).hexdigest()
+    assert run["model"] == preset("tiny").to_dict()
+    assert run["train"]["steps"] == 2 and run["seed"] == 0 and run["precision"] == "fp16"
+
+
+def test_resume_with_other_data_or_settings_is_refused_naming_the_difference(tmp_path):
+    tok = _token_file(tmp_path / "t.bin")
+    other = _token_file(tmp_path / "other.bin", seed=9)
+    out = tmp_path / "run"
+    p = _train("--data", tok, "--steps", 2, "--eval-every", 0, "--out", out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    before = _snapshot(out)
+    p = _train("--data", other, "--steps", 2, "--eval-every", 0, "--out", out, "--resume", "auto", cwd=tmp_path)
+    assert_one_error_line(p, "data:", "SHA-256", "--allow-changes")
+    p = _train("--data", tok, "--steps", 4, "--eval-every", 0, "--out", out, "--resume", "auto", cwd=tmp_path)
+    assert_one_error_line(p, "--steps: run 2, now 4", "--allow-changes")
+    p = _train("--data", tok, "--steps", 4, "--lr", "2e-3", "--seed", 3, "--eval-every", 0, "--out", out,
+               "--resume", "auto", cwd=tmp_path)
+    line = assert_one_error_line(p, "--steps: run 2, now 4", "--lr: run 0.001, now 0.002")
+    assert "--seed: run 0, now 3" not in line  # the seed comes from the checkpoint when resuming
+    assert _snapshot(out) == before
+    # the checkpoint itself remembers its data, for a resume into another folder
+    p = _train("--data", other, "--steps", 2, "--eval-every", 0, "--out", tmp_path / "elsewhere",
+               "--resume", out / "step-00000002", cwd=tmp_path)
+    assert_one_error_line(p, "data: the checkpoint was trained on tokens with SHA-256")
+    # a deliberate change is accepted, and recorded
+    p = _train("--data", tok, "--steps", 4, "--eval-every", 0, "--out", out, "--resume", "auto",
+               "--allow-changes", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["train"]["steps"] == 4 and len(run["resumes"]) == 1 and "--allow-changes" in run["resumes"][0]["command"]
+    assert _metric_steps(out) == [1, 2, 3, 4]
+
+
+def test_metrics_hold_each_step_once_after_kill_and_resume(tmp_path):
+    tok = _token_file(tmp_path / "t.bin")
+    out = tmp_path / "run"
+    common = ["--data", tok, "--steps", 30, "--eval-every", 5, "--eval-batches", 1, "--save-every", 4,
+              "--out", out]
+    for attempt in range(2):  # killed twice at random points after a save, then finished
+        proc = _popen_train(*common, *(["--resume", "auto"] if attempt else []), cwd=tmp_path)
+        want = checkpoint.step_dir(out, 8 * (attempt + 1)) / checkpoint.STATE_FILE
+        deadline = time.time() + 120
+        while time.time() < deadline and not want.exists() and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(float(np.random.default_rng(attempt).uniform(0, 0.1)))
+        proc.kill()
+        proc.communicate()
+        assert max(_metric_steps(out)) < 30, "finished before the kill"
+    p = _train(*common, "--resume", "auto", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert _metric_steps(out) == list(range(1, 31))
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in rows if "val_loss" in r]
+    assert val_steps == [0, 5, 10, 15, 20, 25, 30]
+
+
+# ---- divergence ---------------------------------------------------------------------------------
+
+def test_lr_5_stops_within_n_steps_with_a_finite_checkpoint(tmp_path):
+    tok = _token_file(tmp_path / "t.bin")
+    out = tmp_path / "run"
+    n = 4
+    p = _train("--data", tok, "--steps", 200, "--lr", 5, "--warmup", 0, "--eval-every", 0, "--sample", 20,
+               "--max-nonfinite", n, "--out", out, cwd=tmp_path)
+    line = assert_one_error_line(p, "training diverged", "learning rate 5", "--lr 0.5", "saved in")
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    first_bad = next(i for i, v in enumerate(losses) if not np.isfinite(v))
+    assert len(losses) == first_bad + n < 200  # stopped exactly N non-finite steps in
+    ck = checkpoint.latest(out)
+    assert ck is not None and str(ck) in line
+    loaded = checkpoint.load(ck)
+    assert loaded.step == len(losses)
+    assert all(np.isfinite(w).all() for w in loaded.params.values())
+    checkpoint.check_resumable(ck)
+
+
+def test_divergence_guard_rules():
+    from rustane.divergence import DivergenceGuard
+
+    nan, inf = float("nan"), float("inf")
+    g = DivergenceGuard(3, "fp16", lr=1e-3)
+    # overflow now and then is the scaler's business: a finite loss resets the count
+    assert [g.observe(s, v) for s, v in enumerate([5.0, nan, nan, 4.0, inf, nan], 1)] == [None] * 6
+    assert "3 consecutive steps (steps 5-7)" in g.observe(7, nan)
+    g = DivergenceGuard(3, "fp32", lr=1e-3)
+    assert g.observe(1, 5.0) is None and "fp32" in g.observe(2, nan)
+    assert "gradient norm" in DivergenceGuard(3, "fp32").observe(4, 5.0, grad_norm=nan)
+    assert DivergenceGuard(3, "fp16").observe(4, 5.0, grad_norm=inf) is None  # an fp16 overflow
+    g = DivergenceGuard(0, "fp32")
+    assert all(g.observe(s, nan) is None for s in range(1, 50))
+    assert "the data or the initial weights" in DivergenceGuard(1, "fp16").observe(1, nan)
+    with pytest.raises(errors.UsageError):
+        DivergenceGuard(-1)
+
+
+# ---- caches and the small items -------------------------------------------------------------------
+
+def test_text_data_caches_go_to_rustane_cache_not_the_data_folder(tmp_path):
+    from rustane.corpus import generate_stories
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "s.txt").write_text("\n\n".join(generate_stories(300, seed=1)))
+    p = _train("--data", data / "s.txt", "--steps", 1, "--eval-every", 0, "--out", tmp_path / "run", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert sorted(q.name for q in data.iterdir()) == ["s.txt"]
+    assert list((tmp_path / "cache" / "text").glob("s.txt-*"))  # RUSTANE_CACHE (set by _env)
+
+
+_NO_MATPLOTLIB = """
+import sys
+sys.modules["matplotlib"] = None  # as if not installed
+from rustane import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_missing_matplotlib_gives_a_hint(tmp_path):
+    tok = _token_file(tmp_path / "t.bin")
+    p = subprocess.run([sys.executable, "-P", "-c", _NO_MATPLOTLIB, "--data", str(tok), "--steps", "1",
+                        "--eval-every", "0", "--sample", "0", "--no-progress", "--backend", "sim",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path,
+                       env=_env(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "loss.png not drawn: matplotlib is not installed" in p.stderr and "pip install matplotlib" in p.stderr
