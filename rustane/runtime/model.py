@@ -40,7 +40,7 @@ def return_freed_memory() -> None:
     """Give freed heap pages back to the OS (glibc only; elsewhere nothing to do). An imported
     model's fp32 arrays mostly sit on glibc's heap (its mmap threshold rises as big temporaries
     are freed), where freeing keeps the pages resident: without this, the fp32 masters dropped
-    after staging stayed in the RSS (Qwen3-0.6B LoRA: peak 4.7 GB at build instead of 3.1;
+    after staging stayed in the RSS (a 0.6B-parameter LoRA run: build peak 4.7 GB instead of 3.1;
     ``python -m rustane.bench finetune --part memory`` re-measures)."""
     if not sys.platform.startswith("linux"):
         return
