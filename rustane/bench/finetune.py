@@ -166,7 +166,9 @@ class TorchPeftSide:
     def step(self):
         torch = self.torch
         # one thread: on a shared machine PyTorch's worker threads spin-wait for each other
-        # (measured here under load 7: a 2-row step took 38-45 s with 2 threads, 3.4-4.4 s with 1)
+        # (measured under load 7: a 2-row step took 38-45 s with 2 threads, 3.4-4.4 s with 1;
+        # docs/finetune.md, "Throughput"; re-measure with torch.set_num_threads around
+        # `python -m rustane.bench finetune --part throughput`)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
