@@ -52,8 +52,7 @@ CONFIG_FILE, STATE_FILE = "config.json", "trainer_state.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A missing, corrupted or mismatched checkpoint (the message names the file/field)."""
+from rustane.errors import CheckpointError, ResumeError  # noqa: E402
 
 
 @dataclass

@@ -46,8 +46,7 @@ __all__ = [
 EOT = "<|endoftext|>"  # document separator, id 0 in tokenizers trained here
 
 
-class DataError(ValueError):
-    """Bad training data (the message names the file and the fix)."""
+from rustane.errors import DataError  # noqa: E402  (bad training data; the message names file and fix)
 
 
 # ---------------------------------------------------------------------------------------------

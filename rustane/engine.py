@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ import numpy as np
 
 from rustane import checkpoint, models
 from rustane.config import ModelConfig, preset
+from rustane.errors import UsageError
 from rustane.optim import AdamW, CosineSchedule, make_loss_scaler
 from rustane.runtime.model import Model
 
@@ -51,25 +53,55 @@ class TrainConfig:
     eps: float = 1e-8
     loss_scale: str | float = "dynamic"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "TrainConfig":
+        """Raise ``UsageError`` naming every setting of the wrong type or out of range."""
         errs = []
-        if not self.lr > 0:
-            errs.append(f"--lr must be > 0, got {self.lr}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+
+        def number(name: str, lo: float | None = None, *, above: bool = False, hi: float | None = None,
+                   below: bool = False, integer: bool = False, optional: bool = False) -> None:
+            v = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if v is None and optional:
+                return
+            kind = "an integer" if integer else "a number"
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                    or (integer and not float(v).is_integer()):
+                errs.append(f"{flag} must be {kind}, got {v!r}")
+                return
+            if not math.isfinite(v):
+                errs.append(f"{flag} must be a finite number, got {v}")
+                return
+            if lo is not None and (v <= lo if above else v < lo):
+                errs.append(f"{flag} must be {'>' if above else '>='} {lo:g}, got {v}")
+            elif hi is not None and (v >= hi if below else v > hi):
+                errs.append(f"{flag} must be {'<' if below else '<='} {hi:g}, got {v}")
+
+        number("lr", 0, above=True)
+        number("min_lr", 0, optional=True)
+        number("warmup", 0, integer=True)
+        number("steps", 1, integer=True)
+        number("accum", 1, integer=True)
+        number("clip", 0, above=True, optional=True)
+        number("weight_decay", 0)
+        number("beta1", 0, hi=1, below=True)
+        number("beta2", 0, hi=1, below=True)
+        number("eps", 0, above=True)
+        if not errs and self.min_lr is not None and self.min_lr > self.lr:
             errs.append(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.steps < 1:
-            errs.append(f"--steps must be >= 1, got {self.steps}")
-        if self.warmup < 0:
-            errs.append(f"--warmup must be >= 0, got {self.warmup}")
-        if self.accum < 1:
-            errs.append(f"--accum must be >= 1, got {self.accum}")
-        if self.clip is not None and not self.clip > 0:
-            errs.append(f"--clip must be > 0 (or omitted), got {self.clip}")
-        if self.weight_decay < 0:
-            errs.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        ls = self.loss_scale
+        if isinstance(ls, str) and ls != "dynamic":
+            try:
+                ls = float(ls)
+            except ValueError:
+                errs.append(f"--loss-scale must be 'dynamic' or a positive number, got {ls!r}")
+        if not isinstance(ls, str) and not (isinstance(ls, (int, float, np.integer, np.floating))
+                                            and not isinstance(ls, bool) and math.isfinite(ls) and ls > 0):
+            errs.append(f"--loss-scale must be 'dynamic' or a positive finite number (e.g. 1024), got {ls!r}")
         if errs:
-            raise ValueError("invalid training settings:\n  " + "\n  ".join(errs))
-        make_loss_scaler(self.loss_scale)  # raises on a bad --loss-scale
+            raise UsageError("invalid training settings: " + "; ".join(errs))
         return self
 
     def schedule(self) -> CosineSchedule:
@@ -110,10 +142,36 @@ def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
     return models.family_for(cfg).flops_per_sequence(cfg)
 
 
+def _check_engine_args(config, backend, precision, seed, train, params, ane_rules) -> None:
+    """Engine arguments of the wrong type or value fail here, with the argument named, rather
+    than deep inside the model build."""
+    if not isinstance(config, (str, ModelConfig)) and not hasattr(config, "param_shapes"):
+        raise UsageError(f"Engine: config must be a preset name or a ModelConfig, got {type(config).__name__}")
+    from rustane import backends
+
+    if isinstance(backend, str):
+        if backend != "auto" and backend not in backends.names():
+            raise UsageError(f"Engine: backend must be one of auto, {', '.join(backends.names())} "
+                             f"(or a Backend), got {backend!r}")
+    elif not hasattr(backend, "compile"):
+        raise UsageError(f"Engine: backend must be a name or a Backend instance, got {type(backend).__name__}")
+    if not isinstance(precision, str) or precision not in backends.precisions():
+        raise UsageError(f"Engine: precision must be one of {', '.join(backends.precisions())}, got {precision!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise UsageError(f"Engine: seed must be a non-negative integer, got {seed!r}")
+    if train is not None and not isinstance(train, TrainConfig):
+        raise UsageError(f"Engine: train must be a TrainConfig, got {type(train).__name__}")
+    if params is not None and not isinstance(params, dict):
+        raise UsageError(f"Engine: params must be a dict of arrays keyed by HF names, got {type(params).__name__}")
+    if not isinstance(ane_rules, bool):
+        raise UsageError(f"Engine: ane_rules must be True or False, got {ane_rules!r}")
+
+
 class Engine:
     def __init__(self, config: ModelConfig | str = "tiny", backend: str | Any = "auto",
                  precision: str = "fp16", seed: int = 0, train: TrainConfig | None = None,
                  params: dict[str, np.ndarray] | None = None, ane_rules: bool = True):
+        _check_engine_args(config, backend, precision, seed, train, params, ane_rules)
         self.config = preset(config) if isinstance(config, str) else config
         self.config.validate()
         self.precision = precision
@@ -228,6 +286,8 @@ class Engine:
 
     def evaluate(self, batches: Iterable, max_batches: int | None = None) -> float:
         """Mean loss over ``(x, y)`` batches (e.g. ``TokenData.val_batches()``), forward only."""
+        if max_batches is not None and max_batches < 1:
+            raise UsageError(f"evaluate: max_batches (--eval-batches) must be >= 1, got {max_batches}")
         total, n = 0.0, 0
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:

@@ -17,6 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from rustane.cli import ArgumentParser, HelpFormatter
+from rustane.errors import UsageError
+
 __all__ = ["Perplexity", "perplexity", "main"]
 
 
@@ -46,7 +49,7 @@ def perplexity(decoder, ids: Sequence[int], window: int = 512, stride: int | Non
     stride = window // 2 if stride is None else stride
     if window < 2 or not 1 <= stride < window:
         # windows overlap by at least one token: a window's first token is context only
-        raise ValueError(f"need window >= 2 and 1 <= stride < window, got window {window}, stride {stride}")
+        raise UsageError(f"need --window >= 2 and 1 <= --stride < --window, got window {window}, stride {stride}")
     if ids.size < 2:
         raise ValueError(f"the text holds {ids.size} token(s); perplexity needs at least 2")
     t0 = time.perf_counter()
@@ -66,8 +69,8 @@ def perplexity(decoder, ids: Sequence[int], window: int = 512, stride: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rustane.evaluate", description="Perplexity of a model on a text file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m rustane.evaluate", description="Perplexity of a model on a text file.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face folder, .gguf, llama2.c .bin, or rustane checkpoint")
     p.add_argument("--data", required=True, help="UTF-8 text file")
     p.add_argument("--window", type=int, default=512, help="tokens per window (capped at the model's context)")
@@ -81,26 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     from rustane.decoder import KVCacheDecoder
     from rustane.formats import FormatError, load_model, resolve_source
 
+    src = resolve_source(args.model)
+    model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
+    tok = model.tokenizer()
+    if args.tokenizer and not str(args.tokenizer).endswith(".bin"):
+        from rustane.data import load_tokenizer
+        tok = load_tokenizer(args.tokenizer)
+    if tok is None:
+        raise FormatError(f"{src} carries no tokenizer; pass --tokenizer FILE")
+    data = Path(args.data)
+    if not data.is_file():
+        raise FormatError(f"--data {data} does not exist (pass a UTF-8 text file)")
     try:
-        src = resolve_source(args.model)
-        model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
-        tok = model.tokenizer()
-        if args.tokenizer and not str(args.tokenizer).endswith(".bin"):
-            from rustane.data import load_tokenizer
-            tok = load_tokenizer(args.tokenizer)
-        if tok is None:
-            raise FormatError(f"{src} carries no tokenizer; pass --tokenizer FILE")
-        data = Path(args.data)
-        if not data.is_file():
-            raise FormatError(f"--data {data} does not exist (pass a UTF-8 text file)")
         text = data.read_text(encoding="utf-8")
-        ids = tok.encode(text).ids
-        if args.max_tokens > 0:
-            ids = ids[:args.max_tokens]
-        window = min(args.window, model.spec.max_position)
-        res = perplexity(KVCacheDecoder.from_imported(model), ids, window, args.stride)
-    except (FormatError, ValueError, OSError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"error: {exc}")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--data {data} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"convert it, e.g. with iconv -t utf-8") from None
+    ids = tok.encode(text).ids
+    if args.max_tokens > 0:
+        ids = ids[:args.max_tokens]
+    window = min(args.window, model.spec.max_position)
+    res = perplexity(KVCacheDecoder.from_imported(model), ids, window, args.stride)
     if args.json:
         print(json.dumps({**asdict(res), "perplexity": res.perplexity, "model": str(src), "data": str(data)}))
     else:
@@ -110,4 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

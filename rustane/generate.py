@@ -13,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from rustane.cli import ArgumentParser, HelpFormatter
+from rustane.errors import UsageError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rustane.generate", description="Generate text from a model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m rustane.generate", description="Generate text from a model.",
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face folder, .gguf file, llama2.c .bin, or rustane checkpoint")
     src.add_argument("--checkpoint", help="rustane checkpoint (a step-N folder, or a run folder: its latest)")
@@ -43,45 +46,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 0:
-        raise SystemExit(f"error: --max-tokens must be >= 0, got {args.max_tokens}")
+        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     from rustane.decoder import KVCacheDecoder
-    from rustane.formats import FormatError, load_model, resolve_source
+    from rustane.formats import load_model, resolve_source
     from rustane.sampling import Sampler, render_chat
 
-    try:
-        Sampler(args.temperature, args.top_k or None, args.top_p)  # flag errors before loading
-        src = resolve_source(args.model or args.checkpoint)
-        t0 = time.perf_counter()
-        model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
-        load_s = time.perf_counter() - t0
-        tok = model.tokenizer()
-        if args.tokenizer and not str(args.tokenizer).endswith(".bin"):
-            from rustane.data import load_tokenizer
-            tok = load_tokenizer(args.tokenizer)
-    except (FormatError, ValueError, OSError) as exc:
-        raise SystemExit(f"error: {exc}")
+    Sampler(args.temperature, args.top_k or None, args.top_p)  # flag errors before loading
+    src = resolve_source(args.model or args.checkpoint)
+    t0 = time.perf_counter()
+    model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
+    load_s = time.perf_counter() - t0
+    tok = model.tokenizer()
+    if args.tokenizer and not str(args.tokenizer).endswith(".bin"):
+        from rustane.data import load_tokenizer
+        tok = load_tokenizer(args.tokenizer)
     vocab = model.spec.vocab_size
     if args.ids:
         try:
             ids = [int(t) for t in args.prompt.split()]
         except ValueError:
-            raise SystemExit(f"error: --ids expects space-separated integers, got {args.prompt!r}")
+            raise UsageError(f"--ids expects space-separated integers, got {args.prompt!r}")
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise SystemExit(f"error: token ids {bad[:5]} are outside [0, vocab_size={vocab})")
+            raise UsageError(f"token ids {bad[:5]} are outside [0, vocab_size={vocab})")
     else:
         if tok is None:
-            raise SystemExit(f"error: {src} carries no tokenizer; pass --tokenizer FILE, or --ids with token ids")
+            raise UsageError(f"{src} carries no tokenizer; pass --tokenizer FILE, or --ids with token ids")
         text = args.prompt
         if args.chat:
             template = model.tokenizer_config.get("chat_template")
             if not template:
-                raise SystemExit(f"error: {src} has no chat template; drop --chat (base models take "
+                raise UsageError(f"{src} has no chat template; drop --chat (base models take "
                                  f"plain prompts)")
             text = render_chat(template, [{"role": "user", "content": args.prompt}], model.tokenizer_config)
         ids = tok.encode(text, add_special_tokens=not args.chat).ids
     if not ids:
-        raise SystemExit("error: the prompt encodes to no tokens")
+        raise UsageError("the prompt encodes to no tokens")
     dec = KVCacheDecoder.from_imported(model)
     stops = [] if args.no_stop else model.eos_ids
     gen = dec.generate(ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
@@ -98,4 +98,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

@@ -8,10 +8,10 @@ the step the projected ms on a chip (ANE path, CPU path, optimizer) and the proj
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from rustane.cli import ArgumentParser, debug_enabled, run
 from rustane.cost import calibrate
 from rustane.cost.chips import CHIPS
 from rustane.cost.memory import MB, process_base_bytes, project_memory
@@ -94,7 +94,7 @@ def _print_calibration(rows: list[dict], eff: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     from rustane.config import preset_names
 
-    ap = argparse.ArgumentParser(prog="python -m rustane.plan", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m rustane.plan", description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=preset_names())
     src.add_argument("--model", help="a model source: HF folder, .gguf, llama2.c .bin, rustane checkpoint")
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accum", type=int, default=1, help="sequences per step")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--calibrate", action="store_true", help="the model against published ms/step")
-    ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
     try:
         if args.calibrate:
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--accum and --seq-len must be >= 1")
         r = build(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        if args.debug:
+        if debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -132,4 +131,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

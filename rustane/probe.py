@@ -274,7 +274,9 @@ def probe(refresh: bool = False, cache: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rustane.probe", description=__doc__.split("\n\n")[0])
+    from rustane.cli import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m rustane.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the result as JSON (default: a short summary)")
     ap.add_argument("--refresh", action="store_true", help="ignore the cache and probe again")
     ap.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -293,4 +295,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rustane.errors import RustaneError
+
 __all__ = ["SelfCheckError", "KernelCheck", "TOL", "INPUT_STD", "bound", "cache_dir", "selfcheck_key",
            "check_kernels", "ensure", "render_plan"]
 
@@ -77,7 +79,7 @@ class KernelCheck:
                 f"{want:.6g} on the fp16 simulator (|diff| {abs(got - want):.3g} > bound {self.worst_bound:.3g})")
 
 
-class SelfCheckError(RuntimeError):
+class SelfCheckError(RustaneError, RuntimeError):
     """A kernel gave different numbers on the ANE than on the fp16 simulator."""
 
     def __init__(self, failed: list[KernelCheck], n_kernels: int, report_path: Path | None):
@@ -207,7 +209,7 @@ def ensure(plan, kernels, backend, seed: int = 0) -> dict | None:
     next to the cache as ``selfcheck/<key>.failed.json`` and not cached as a pass)."""
     if getattr(backend, "name", None) != "ane":
         return None
-    from rustane.probe import machine_key
+    from rustane.backends.ane.probe_cache import machine_key
 
     texts = render_plan(plan)
     machine = machine_key()

@@ -15,18 +15,19 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from rustane import backends, checkpoint
-from rustane.config import ConfigError, preset, preset_names
-from rustane.data import DataError, open_dataset
-from rustane.selfcheck import SelfCheckError
+from rustane.cli import ArgumentParser, HelpFormatter
+from rustane.config import preset, preset_names
+from rustane.data import open_dataset
+from rustane.errors import UsageError
 
 DEFAULT_STEPS = 1200
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m rustane.train",
         description="Train a Llama-family model on the Apple Neural Engine (or its simulator).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     m = p.add_argument_group("model and data")
     m.add_argument("--preset", default=None, choices=preset_names(),
                    help="model shape (default: tiny, or the checkpoint's when resuming)")
@@ -81,7 +82,7 @@ def _train_config(args, saved):
         try:
             given["loss_scale"] = float(given["loss_scale"])
         except ValueError:
-            raise SystemExit(f"error: --loss-scale: expected 'dynamic' or a number, got {args.loss_scale!r}")
+            pass  # TrainConfig names the problem
     return TrainConfig(**{**asdict(base), **given}).validate()
 
 
@@ -102,51 +103,54 @@ def main(argv: list[str] | None = None) -> int:
     for name, v in (("--save-every", args.save_every), ("--keep", args.keep), ("--eval-every", args.eval_every),
                     ("--sample", args.sample), ("--eval-batches", args.eval_batches)):
         if v < 0:
-            raise SystemExit(f"error: {name} must be >= 0, got {v}")
+            raise UsageError(f"{name} must be >= 0, got {v}")
     from rustane.engine import Engine, TrainConfig
 
     if args.model and args.preset:
-        raise SystemExit("error: --model and --preset both choose the model; pass one of them")
+        raise UsageError("--model and --preset both choose the model; pass one of them")
     if args.seq_len is not None and args.seq_len < 1:
-        raise SystemExit(f"error: --seq-len must be >= 1, got {args.seq_len}")
+        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.eval_every and args.eval_batches < 1:
+        raise UsageError(f"--eval-batches must be >= 1 when evaluating, got {args.eval_batches} "
+                         f"(pass --eval-every 0 to skip validation)")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = Path(args.out or f"runs/{args.preset or (Path(args.model).stem if args.model else 'tiny')}")
     resume = _resolve_resume(args, out)
     tokenizer = args.tokenizer
-    try:
-        if resume is not None:
-            expected = preset(args.preset) if args.preset else None
-            ck_state = checkpoint.trainer_state(resume)  # the tensors are read once, by from_checkpoint
-            saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
-            tc = _train_config(args, saved)
-            eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
-                                         expected=expected, ane_rules=not args.research)
-            print(f"resumed from {resume} at step {eng.step}")
-        elif args.model:
-            tc = _train_config(args, None)
-            eng = Engine.from_pretrained(args.model, backend=args.backend, precision=args.precision,
-                                         seq_len=args.seq_len, seed=0 if args.seed is None else args.seed,
-                                         train=tc, ane_rules=not args.research)
-        else:
-            tc = _train_config(args, None)
-            cfg = preset(args.preset or "tiny", **({"seq_len": args.seq_len} if args.seq_len else {}))
-            eng = Engine(cfg, backend=args.backend, precision=args.precision,
-                         seed=0 if args.seed is None else args.seed, train=tc, ane_rules=not args.research)
-        if tokenizer is None and eng.tokenizer_json is not None:
-            # the model's own tokenizer (imported, or saved in the checkpoint) tokenizes text data
-            out.mkdir(parents=True, exist_ok=True)
-            tokenizer = out / "tokenizer.json"
-            tokenizer.write_text(eng.tokenizer_json, encoding="utf-8")
-        source = args.data
-        if args.model and source == "builtin":
-            # a pretrained model reads the generated stories through its own tokenizer
-            from rustane.corpus import generate_stories
-            source = out / "builtin-stories.txt"
-            if not source.exists():
-                source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
-        data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
-    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, FileNotFoundError,
-            SelfCheckError) as exc:
-        raise SystemExit(f"error: {exc}")
+    if resume is not None:
+        expected = preset(args.preset) if args.preset else None
+        ck_state = checkpoint.trainer_state(resume)  # the tensors are read once, by from_checkpoint
+        saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
+        tc = _train_config(args, saved)
+        eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
+                                     expected=expected, ane_rules=not args.research)
+        print(f"resumed from {resume} at step {eng.step}")
+    elif args.model:
+        tc = _train_config(args, None)
+        eng = Engine.from_pretrained(args.model, backend=args.backend, precision=args.precision,
+                                     seq_len=args.seq_len, seed=0 if args.seed is None else args.seed,
+                                     train=tc, ane_rules=not args.research)
+    else:
+        tc = _train_config(args, None)
+        cfg = preset(args.preset or "tiny", **({"seq_len": args.seq_len} if args.seq_len else {}))
+        eng = Engine(cfg, backend=args.backend, precision=args.precision,
+                     seed=0 if args.seed is None else args.seed, train=tc, ane_rules=not args.research)
+    if tokenizer is None and eng.tokenizer_json is not None:
+        # the model's own tokenizer (imported, or saved in the checkpoint) tokenizes text data
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer = out / "tokenizer.json"
+        tokenizer.write_text(eng.tokenizer_json, encoding="utf-8")
+    source = args.data
+    if args.model and source == "builtin":
+        # a pretrained model reads the generated stories through its own tokenizer
+        from rustane.corpus import generate_stories
+        source = out / "builtin-stories.txt"
+        if not source.exists():
+            source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
+    data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
 
     cfg = eng.config
     label = args.preset or ("from checkpoint" if resume is not None else args.model or "tiny")
@@ -269,4 +273,6 @@ def _plot(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rustane.cli import run
+
+    run(main)

@@ -969,7 +969,7 @@ def test_selfcheck_passes_clean_kernels_and_a_cached_pass_skips_it(fake, tmp_pat
     """Nothing injected: every kernel passes and the pass is cached under RUSTANE_CACHE. The second
     build skips the check: even a corruption injected now goes unnoticed (that is what the cache
     means: this chip + OS + kernel text were proven). Another OS version checks again."""
-    from rustane import probe
+    from rustane.backends.ane import probe_cache
     from rustane.engine import Engine
     from rustane.selfcheck import SelfCheckError
 
@@ -988,8 +988,8 @@ def test_selfcheck_passes_clean_kernels_and_a_cached_pass_skips_it(fake, tmp_pat
     eng = Engine("tiny", backend="ane", seed=0)
     assert eng.model.selfcheck["cached"] is True
     eng.model.close()
-    other = dict(probe.machine_key(), os="99.0-other")
-    monkeypatch.setattr(probe, "machine_key", lambda: other)
+    other = dict(probe_cache.machine_key(), os="99.0-other")
+    monkeypatch.setattr(probe_cache, "machine_key", lambda: other)
     with pytest.raises(SelfCheckError, match="kernel sdpaFwd"):
         Engine("tiny", backend="ane", seed=0)
 
@@ -1012,6 +1012,55 @@ def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tm
     assert len(lines) == 1 and lines[0].startswith("error: ANE self-check: kernel wotBwd"), r.stderr
     assert "Traceback" not in r.stderr and "--backend sim" in lines[0]
     assert not list((tmp_path / "run").glob("step-*"))
+
+
+def _doctor_in_fake_build(tmp_path, **env_extra):
+    """Run ``python -m rustane.doctor --json`` in this fake build, letting it find the fake itself."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RUSTANE_ANE_FAKE", "FAKEANE_CORRUPT")}
+    env.update(RUSTANE_CACHE=str(tmp_path / "cache"), **env_extra)
+    r = subprocess.run([sys.executable, "-P", "-m", "rustane.doctor", "--json", "--out", str(tmp_path / "doc")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    rep = json.loads((tmp_path / "doc" / "doctor.json").read_text()) if (tmp_path / "doc" / "doctor.json").exists() else None
+    return r, rep
+
+
+@fake_only
+def test_doctor_through_the_fake_ane_checks_every_kernel_and_trains_bit_identically(fake, tmp_path):
+    """The doctor on a -Dane_fake=true build: probe, every kernel self-checked (exact through the
+    fake), 3 steps on the fake ANE identical to the fp16 simulator; every field documented."""
+    from doctor_fields import undocumented
+
+    r, rep = _doctor_in_fake_build(tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rep["status"] == "ok" and rep["problems"] == []
+    assert rep["ane"] == {"available": True, "reason": None, "fake_framework": True}
+    assert rep["probe"]["dialect"] == "ios18" and rep["probe"]["checks"]
+    texts, plan = _kernel_texts()
+    assert [k["name"] for k in rep["kernels"]] == list(plan)
+    assert all(k["status"] == "ok" and k["max_abs_err"] == 0.0 and k["backend"] == "ane" for k in rep["kernels"])
+    runs = {x["name"]: x for x in rep["training"]["runs"]}
+    assert set(runs) == {"ane", "sim-fp16", "sim-fp32"}
+    assert runs["ane"]["losses"] == runs["sim-fp16"]["losses"]
+    (d,) = [d for d in rep["training"]["differences"] if d["a"] == "ane"]
+    assert d["identical"] and d["max_weight_diff"] == 0.0
+    assert undocumented(rep) == []
+
+
+@fake_only
+def test_doctor_reports_the_one_corrupted_kernel_and_exits_1(fake, tmp_path):
+    texts, plan = _kernel_texts()
+    r, rep = _doctor_in_fake_build(tmp_path, FAKEANE_CORRUPT=_sha(texts["ffnBwdW2t"]))
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert rep["status"] == "problems"
+    status = {k["name"]: k["status"] for k in rep["kernels"]}
+    assert status == {n: ("mismatch" if n == "ffnBwdW2t" else "ok") for n in plan}
+    bad = next(k for k in rep["kernels"] if k["name"] == "ffnBwdW2t")
+    _, c, _, s = plan["ffnBwdW2t"].out_shape
+    assert bad["worst"]["index"] == [(2 * c * s) // 3 // s, (2 * c * s) // 3 % s] and bad["worst"]["got"] == 100.0
+    assert any("kernel ffnBwdW2t" in p for p in rep["problems"])
+    ane_run = next(x for x in rep["training"]["runs"] if x["name"] == "ane")
+    assert "self-check" in ane_run["error"] and ane_run["losses"] == []
+    assert "mismatch" in (tmp_path / "doc" / "doctor.md").read_text()
 
 
 @fake_only

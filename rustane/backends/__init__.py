@@ -123,6 +123,8 @@ def get(name: str = "auto", *, precision: str | None = None, ane_rules: bool = T
         reason = _registry()[chosen].unavailable_reason()
         if reason is not None:
             here = [n for n, r in available().items() if not r and info(n).cli]
-            raise RuntimeError(f"the {chosen} backend is not available here: {reason}. "
+            from rustane.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"the {chosen} backend is not available here: {reason}. "
                                f"Use --backend {' or '.join(here)}.")
     return spec.create(precision=precision or spec.precisions[0], ane_rules=ane_rules, **options)

@@ -7,5 +7,6 @@ if len(sys.argv) > 1 and sys.argv[1] == "native":
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from rustane.bench.cli import main  # noqa: E402
+from rustane.cli import run  # noqa: E402
 
-sys.exit(main())
+run(main)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from rustane.cli import ArgumentParser, debug_enabled
+
 #: subcommand -> module under rustane.bench
 COMMANDS = {
     "native": "native",
@@ -29,14 +31,14 @@ def _module(name: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rustane.bench",
+    # rustane.cli's parser: one-line flag errors, --debug declared
+    p = ArgumentParser(prog="python -m rustane.bench",
                                 description="rustane benchmarks: JSON results, baselines, a noise-aware gate")
     p.add_argument("--suite", choices=SUITES, default=None,
                    help="run a fixed set of benchmarks (ci: the quick set the CI gate uses, <= 3 min on 2 cores; smoke: the same at the tiny preset, for tests)")
     p.add_argument("--out", default=None, help="with --suite: write the result JSON here (default: stdout)")
     p.add_argument("--backend", choices=("sim", "ane", "auto"), default="sim",
                    help="with --suite: ane adds the engine on the Neural Engine (macOS); auto = ane where it runs")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="what", metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
         mod = _module(name)
@@ -58,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.what is not None:
                 p.error("--suite runs its own set; give either --suite or a subcommand")
             from rustane.bench import suite
-            return suite.run_suite(args.suite, args.out, args.debug, args.backend)
+            return suite.run_suite(args.suite, args.out, args.debug or debug_enabled(), args.backend)
         if args.what is None:
             p.error("give a subcommand or --suite ci")
         return _module(args.what).run(args)
     except (ValueError, FileNotFoundError, OSError) as exc:
-        if args.debug:
+        if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rustane.errors import RustaneError
+
 __all__ = ["FormatError", "ArchSpec", "Imported", "FAMILIES", "rope_inv_freq"]
 
 FAMILIES = ("llama", "qwen3")
@@ -25,7 +27,7 @@ _ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _ROPE_TYPES = ("default", "llama3", "linear")
 
 
-class FormatError(ValueError):
+class FormatError(RustaneError, ValueError):
     """An input model that cannot be imported; the message names the problem and the way out."""
 
 

@@ -1,5 +1,6 @@
 """Errors every model family raises."""
 
 
-class ConfigError(ValueError):
-    """An invalid or mismatched model configuration (the message names field and fix)."""
+from rustane.errors import ConfigError
+
+__all__ = ["ConfigError"]
