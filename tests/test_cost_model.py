@@ -119,9 +119,11 @@ print(json.dumps({"peak": peak, "projected": project_memory(cfg, "sim", prec, ba
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_memory_projection_against_measured_peak_rss(precision):
-    # a clean process: the contract tier leaves RUSTANE_ANE_FAKE set, and a loaded fake framework
-    # (GNUstep) is not part of what a simulator run costs
-    env = {k: v for k, v in os.environ.items() if k not in ("RUSTANE_ANE_FAKE", "PYTHONPATH")}
+    # a clean process: earlier tests leave RUSTANE_ANE_FAKE (a loaded fake framework is no part of
+    # a simulator run) and OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE set; with those OpenBLAS's
+    # buffers doubled this process's peak (1110 MB against 562 MB)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RUSTANE_ANE_FAKE", "PYTHONPATH") and not k.startswith("OPENBLAS_")}
     p = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, "stories15m", precision], capture_output=True,
                        text=True, timeout=600, env={**env, "OPENBLAS_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
