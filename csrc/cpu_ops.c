@@ -299,7 +299,7 @@ enum { CE_ROWS = 64, CE_COLS = 512 };
  * the same bits as the whole matrix. Returns -1 on allocation failure. */
 RN_SIMD_CLONES
 static int ce_cols(const float *logits, const int32_t *targets, float *dlogits, int V, int S, size_t ld,
-                   float k, double *col_loss)
+                   float k, const float *w, double *col_loss)
 {
     const int nblk = (V + CE_ROWS - 1) / CE_ROWS;
     /* Per-position rows: running max, block max / final factor, target logit; sum of
@@ -365,7 +365,7 @@ static int ce_cols(const float *logits, const int32_t *targets, float *dlogits, 
          * bm holds it so the row loop is one multiply. */
         const float *br = bmx + (size_t)b * S;
         for (int s = 0; s < S; s++) {
-            double f = (double)k / sum[s];
+            double f = (double)(w ? k * w[s] : k) / sum[s];
             if (br[s] != mx[s]) f *= exp((double)br[s] - (double)mx[s]);
             bm[s] = (float)f;
         }
@@ -374,7 +374,7 @@ static int ce_cols(const float *logits, const int32_t *targets, float *dlogits, 
             for (int s = 0; s < S; s++) dr[s] *= bm[s];
         }
     }
-    for (int s = 0; s < S; s++) dlogits[(size_t)targets[s] * ld + s] -= k;
+    for (int s = 0; s < S; s++) dlogits[(size_t)targets[s] * ld + s] -= w ? k * w[s] : k;
     free(mx);
     free(sum);
     free(bmx);
@@ -388,6 +388,7 @@ struct ce_part {
     int V, S;
     size_t ld;
     float k;
+    const float *w;
     double *col_loss;
     int rc;
 };
@@ -395,12 +396,12 @@ struct ce_part {
 static void *ce_part_run(void *arg)
 {
     struct ce_part *p = arg;
-    p->rc = p->S > 0 ? ce_cols(p->logits, p->targets, p->dlogits, p->V, p->S, p->ld, p->k, p->col_loss) : 0;
+    p->rc = p->S > 0 ? ce_cols(p->logits, p->targets, p->dlogits, p->V, p->S, p->ld, p->k, p->w, p->col_loss) : 0;
     return NULL;
 }
 
-double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
-                        int V, int S, float grad_scale, int threads)
+static double cross_entropy(const float *logits, const int32_t *targets, float *dlogits, int V, int S,
+                            float k, const float *w, int threads)
 {
     if (S <= 0) return 0.0;
     double *col_loss = malloc((size_t)S * sizeof(double));
@@ -413,15 +414,32 @@ double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlog
         int c1 = i == nt - 1 ? S : (int)(((long long)S * (i + 1) / nt) & ~7LL);
         if (c1 < c0) c1 = c0;
         parts[i] = (struct ce_part){logits + c0, targets + c0, dlogits + c0, V, c1 - c0, (size_t)S,
-                                    grad_scale / (float)S, col_loss + c0, 0};
+                                    k, w ? w + c0 : NULL, col_loss + c0, 0};
         c0 = c1;
     }
     run_parts(ce_part_run, parts, sizeof parts[0], nt);
     int failed = 0;
     for (int i = 0; i < nt; i++) failed |= parts[i].rc;
     double loss = 0.0;
-    for (int s = 0; s < S; s++) loss += col_loss[s]; /* in position order: any thread count */
+    /* in position order: any thread count; a zero weight drops the position even if its loss
+     * is infinite */
+    for (int s = 0; s < S; s++) {
+        if (!w) loss += col_loss[s];
+        else if (w[s] != 0.0f) loss += (double)w[s] * col_loss[s];
+    }
     free(col_loss);
-    return failed ? NAN : loss / S;
+    return failed ? NAN : loss;
+}
+
+double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
+                        int V, int S, float grad_scale, int threads)
+{
+    return S <= 0 ? 0.0 : cross_entropy(logits, targets, dlogits, V, S, grad_scale / (float)S, NULL, threads) / S;
+}
+
+double rn_cross_entropy_weighted(const float *logits, const int32_t *targets, const float *weights,
+                                 float *dlogits, int V, int S, float grad_scale, int threads)
+{
+    return cross_entropy(logits, targets, dlogits, V, S, grad_scale, weights, threads);
 }
 

@@ -49,6 +49,13 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
 double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
                         int V, int S, float grad_scale, int threads);
 
+/* Weighted cross-entropy (loss masks): returns sum_s weights[s] * loss[s] and writes
+ *   dlogits[v,s] = (softmax[v,s] - [v == targets[s]]) * grad_scale * weights[s].
+ * A weight of 0 drops its position (zero gradient column, no loss term). Otherwise as
+ * rn_cross_entropy (aliasing, numerics, thread independence). */
+double rn_cross_entropy_weighted(const float *logits, const int32_t *targets, const float *weights,
+                                 float *dlogits, int V, int S, float grad_scale, int threads);
+
 /* Embedding forward: out [D, S], out[d, s] = E[tokens[s], d] with E [V, D] row-major. */
 void rn_embedding_fwd(const float *E, const int32_t *tokens, float *out, int D, int S);
 

@@ -55,14 +55,20 @@ cdef extern from *:
     #else
     #define RUSTANE_BUILT_WITH_FAKE 0
     #endif
+    #ifndef RUSTANE_FAKE_LIBRARY
+    #define RUSTANE_FAKE_LIBRARY ""
+    #endif
     """
     int RUSTANE_BUILT_WITH_FAKE
+    const char *RUSTANE_FAKE_LIBRARY
 
 COMPILE_BUDGET = ANE_COMPILE_BUDGET
 COMPILE_WARN_AT = ANE_COMPILE_WARN_AT
 DEFAULT_FRAMEWORK = ANE_DEFAULT_FRAMEWORK.decode()
 #: True when this extension was built for the Linux contract tests (meson -Dane_fake=true).
 BUILT_WITH_FAKE = bool(RUSTANE_BUILT_WITH_FAKE)
+#: where that build left the fake framework (its build folder: the fake is never installed), or ''
+FAKE_LIBRARY_PATH = RUSTANE_FAKE_LIBRARY.decode()
 
 
 cdef object _raise(ane_error *e):

@@ -21,6 +21,8 @@ cdef extern from "cpu_ops.h":
                 int inverse) nogil
     double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
                             int V, int S, float grad_scale, int threads) nogil
+    double rn_cross_entropy_weighted(const float *logits, const int32_t *targets, const float *weights,
+                                     float *dlogits, int V, int S, float grad_scale, int threads) nogil
     void rn_embedding_fwd(const float *E, const int32_t *tokens, float *out, int D, int S) nogil
     void rn_embedding_bwd(const float *dx, const int32_t *tokens, float *dE, int D, int S) nogil
     void rn_adamw_step(float *w, const float *grad, float *m, float *v, size_t n,
@@ -165,6 +167,29 @@ def cross_entropy(logits, targets, dlogits, float grad_scale, int threads=1):
         loss = rn_cross_entropy(pL, pT, pD, V, S, grad_scale, threads)
     if loss != loss and S > 0:
         # NaN is also what non-finite logits give; tell the two apart for the message.
+        if not np.isfinite(L).all():
+            return float("nan")
+        raise MemoryError("cross_entropy: out of memory for [S] scratch rows")
+    return loss
+
+
+def cross_entropy_weighted(logits, targets, weights, dlogits, float grad_scale, int threads=1):
+    """logits [V, S], targets int32 [S], weights float32 [S] -> sum of weighted losses; writes
+    dlogits [V, S] (column s scaled by grad_scale * weights[s])."""
+    cdef cnp.ndarray L = _arr(logits, "logits", np.float32, (None, None))
+    cdef int V = L.shape[0], S = L.shape[1]
+    cdef cnp.ndarray T = _arr(targets, "targets", np.int32, (S,))
+    cdef cnp.ndarray W = _arr(weights, "weights", np.float32, (S,))
+    cdef cnp.ndarray D = _arr(dlogits, "dlogits", np.float32, (V, S), True)
+    _check_tokens(T, "targets", V, "the vocabulary size, logits.shape[0]")
+    cdef double loss
+    cdef float* pL = _f(L)
+    cdef int32_t* pT = _i(T)
+    cdef float* pW = _f(W)
+    cdef float* pD = _f(D)
+    with nogil:
+        loss = rn_cross_entropy_weighted(pL, pT, pW, pD, V, S, grad_scale, threads)
+    if loss != loss and S > 0:
         if not np.isfinite(L).all():
             return float("nan")
         raise MemoryError("cross_entropy: out of memory for [S] scratch rows")

@@ -25,11 +25,16 @@ pickle is used anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +46,7 @@ from rustane import models
 from rustane.config import ModelConfig
 
 __all__ = [
-    "CheckpointError", "Checkpoint", "FORMAT_VERSION", "save", "load", "latest", "prune",
+    "CheckpointError", "ResumeError", "Checkpoint", "check_resumable", "clean_stale_temps", "FORMAT_VERSION", "save", "load", "latest", "prune",
     "list_checkpoints", "step_dir", "permute_for_hf", "unpermute_from_hf", "to_hf_params",
     "from_hf_params",
 ]
@@ -49,7 +54,11 @@ __all__ = [
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE = "model.safetensors", "optimizer.safetensors"
 CONFIG_FILE, STATE_FILE = "config.json", "trainer_state.json"
+OWNER_FILE = ".writer.json"  # inside a save's temp folder only: which process writes it
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_TEMP_PREFIXES = (".tmp-step-", ".old-step-")
+_OLD_RE = re.compile(r"^\.old-(step-\d+)-")
+STALE_UNOWNED_SECONDS = 60.0
 
 
 from rustane.errors import CheckpointError, ResumeError  # noqa: E402
@@ -159,6 +168,7 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
+        _write_owner(tmp)
         with warnings.catch_warnings():
             # residual-scaled models still get a config.json; trainer_state.json has the truth
             warnings.simplefilter("ignore")
@@ -176,10 +186,12 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
                 f.flush()
                 os.fsync(f.fileno())
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete dir
+        (tmp / OWNER_FILE).unlink()
         _fsync_path(tmp)
         if target.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            _write_owner(old)
             os.rename(target, old / "x")
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -190,6 +202,32 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename (the old
+    folder, if any, moved aside first), so readers see the old folder or the complete new one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_path(f)
+        _fsync_path(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
+            os.rename(target, old / "x")
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_path(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
@@ -265,6 +303,51 @@ def load(path: str | os.PathLike, expected: ModelConfig | None = None, *,
                       optimizer_meta=opt_m, trainer_state=state)
 
 
+def check_resumable(path: str | os.PathLike) -> dict[str, Any]:
+    """Refuse a checkpoint that cannot continue a run exactly; returns its trainer state.
+
+    Resuming needs ``trainer_state.json`` (a non-negative integer step, the training settings)
+    and ``optimizer.safetensors`` whose step and tensors agree with it. A folder holding weights
+    only (an HF export, a checkpoint saved without optimizer state) is refused with the way
+    to use it: as the starting weights of a new run (``--model``). Reads no tensor data.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {p} does not exist or is not a directory")
+    weights_only = f"start a new run from its weights with --model {p} instead"
+    if not (p / STATE_FILE).is_file():
+        raise ResumeError(f"{p} has no {STATE_FILE}, so it holds weights only and cannot be resumed; "
+                          f"{weights_only}")
+    state = _read_json(p / STATE_FILE)
+    if not isinstance(state, dict):
+        raise ResumeError(f"{p / STATE_FILE} is not a JSON object (damaged?); resume from another checkpoint "
+                          f"or {weights_only}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ResumeError(f"{p / STATE_FILE}: step must be a non-negative integer, got {step!r} (edited or "
+                          f"damaged); resume from another checkpoint or {weights_only}")
+    if not (p / OPTIM_FILE).is_file():
+        raise ResumeError(f"{p} has no {OPTIM_FILE} (saved without optimizer state), so it cannot be resumed "
+                          f"exactly; {weights_only}")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(p / OPTIM_FILE), framework="numpy") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+        opt = json.loads(meta.get("rustane", "{}"))
+    except Exception as exc:  # damaged file: safetensors raises its own error types
+        raise ResumeError(f"{p / OPTIM_FILE} is damaged ({exc}); resume from another checkpoint or "
+                          f"{weights_only}") from exc
+    opt_step = opt.get("step") if isinstance(opt, dict) else None
+    # skipped (overflow) steps do not advance the optimizer, so it may lag the trainer, never lead
+    if isinstance(opt_step, bool) or not isinstance(opt_step, int) or not 0 <= opt_step <= step:
+        raise ResumeError(f"{p / OPTIM_FILE}: optimizer step {opt_step!r} does not fit trainer step {step} "
+                          f"(files from different saves?); resume from another checkpoint or {weights_only}")
+    if not keys or any(not k.startswith(("m.", "v.")) for k in keys):
+        raise ResumeError(f"{p / OPTIM_FILE} does not hold Adam moments (m.*, v.*); {weights_only}")
+    return state
+
+
 def trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's ``trainer_state.json`` without reading any tensors ({} when the directory
     has none, e.g. a plain HF folder, or does not exist: ``load`` then names the problem)."""
@@ -306,20 +389,91 @@ def prune(out_dir: str | os.PathLike, keep: int) -> list[Path]:
     for _, p in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(p)
         removed.append(p)
-    d = Path(out_dir)
-    if d.is_dir():
-        for child in d.iterdir():
-            if child.is_dir() and child.name.startswith((".tmp-step-", ".old-step-")) \
-                    and not _owned_by_live_process(child):
-                shutil.rmtree(child, ignore_errors=True)
+    clean_stale_temps(out_dir)
     return removed
 
 
-def _owned_by_live_process(p: Path) -> bool:
-    # Temp dirs carry no pid; treat very recent ones as possibly in flight (another process
-    # saving right now) and leave them.
-    import time
+def clean_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temp folders of saves whose writer died (killed mid-save) under ``out_dir``;
+    returns them. A folder a live writer owns is never touched (see ``_stale``)."""
+    d = Path(out_dir)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    for child in d.iterdir():
+        if child.is_dir() and child.name.startswith(_TEMP_PREFIXES) and _stale(child):
+            m = _OLD_RE.match(child.name)
+            if m and (child / "x" / STATE_FILE).is_file() and not (d / m.group(1)).exists():
+                # killed between moving the previous copy aside and renaming the new one in:
+                # the aside copy is the only one, put it back
+                os.rename(child / "x", d / m.group(1))
+            shutil.rmtree(child, ignore_errors=True)
+            if not child.exists():
+                removed.append(child)
+    return removed
+
+
+def _write_owner(tmp: Path) -> None:
+    # who is writing this temp folder: a later start removes it once that process is gone
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
+    with open(tmp / OWNER_FILE, "w", encoding="utf-8") as f:
+        json.dump(info, f)
+
+
+def _process_start(pid: int) -> str | None:
+    """An identifier of when process ``pid`` started (None: unknown or no such process); tells a
+    writer from a later process that reused its pid."""
+    if os.path.isdir("/proc/self"):
+        return _proc_start(pid)
+    if sys.platform == "darwin":  # no /proc: ask ps
+        try:
+            out = subprocess.run(["ps", "-o", "lstart=,stat=", "-p", str(pid)], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+        if not out or out.split()[-1].startswith("Z"):
+            return None
+        return " ".join(out.split()[:-1])
     try:
-        return time.time() - p.stat().st_mtime < 3600
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass
+    return "?"  # alive, start time unknown
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        fields_after_name = stat[stat.rindex(")") + 2:].split()
+        if fields_after_name[0] == "Z":  # a zombie has finished writing for good
+            return None
+        return fields_after_name[19]  # field 22: start time in clock ticks since boot
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        return "?"
+
+
+def _stale(p: Path) -> bool:
+    """Whether temp folder ``p`` belongs to no live save: its writer (pid in the owner file) is
+    gone, or that pid now names a younger process; folders without an owner file (interrupted
+    in the instant after creation, or written by an older rustane) once they are a minute old;
+    folders written on another host (a shared file system) only after a day."""
+    try:
+        age = time.time() - p.stat().st_mtime
     except FileNotFoundError:
         return False
+    try:
+        info = json.loads((p / OWNER_FILE).read_text(encoding="utf-8"))
+        pid, host, started = int(info["pid"]), str(info["host"]), info.get("process_start")
+    except (OSError, ValueError, KeyError, TypeError):
+        return age > STALE_UNOWNED_SECONDS
+    if host != socket.gethostname():
+        return age > 86400
+    now = _process_start(pid)
+    if now is None:
+        return True
+    return started not in (None, "?") and now != "?" and now != started

@@ -125,6 +125,17 @@ def cross_entropy(logits: np.ndarray, targets, grad_scale: float = 1.0, *,
     return float(loss), dlogits
 
 
+def cross_entropy_weighted(logits: np.ndarray, targets, weights, grad_scale: float = 1.0, *,
+                           dlogits: np.ndarray | None = None, threads: int = 1) -> tuple[float, np.ndarray]:
+    """Loss-masked CE: ``(Σ_s weights[s]·loss[s], dlogits)`` with column ``s`` of dlogits
+    ``(softmax − onehot)·grad_scale·weights[s]``. Weights ``1/n`` over the ``n`` positions that
+    carry loss (0 elsewhere) give their mean; a zero weight contributes nothing, not even NaN."""
+    dlogits = _empty(np.shape(logits)) if dlogits is None else dlogits
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    loss = _cpu.cross_entropy_weighted(logits, as_tokens(targets), w, dlogits, float(grad_scale), int(threads))
+    return float(loss), dlogits
+
+
 def embedding_forward(E: np.ndarray, tokens, *, out: np.ndarray | None = None) -> np.ndarray:
     """Gather rows of ``E [V, D]`` for ``tokens [S]`` into channel-first ``[D, S]``."""
     tok = as_tokens(tokens)

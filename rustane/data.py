@@ -13,8 +13,9 @@ arrays plus the tokenizer when one is known). ``source`` is
   ``$XDG_CACHE_HOME/rustane``, else ``~/.cache/rustane``);
 - a ``.bin`` token file;
 - a text file or a folder of ``.txt`` files, tokenized with ``tokenizer`` (a ``tokenizer.json``
-  path) or, when none is given, a byte-level BPE of the config's vocab size trained on the text
-  and cached beside it (key: content hash + vocab size).
+  path) or, when none is given, a byte-level BPE of the config's vocab size trained on the text;
+  the tokenizer and the token ids are cached in the user cache dir under ``text/`` (key: content
+  hash + vocab size), never beside the text.
 
 Every problem (missing file, empty folder, ids out of range, a file too short for one sequence,
 a byte count that is not a whole number of ids) raises ``DataError`` before training starts,
@@ -221,16 +222,6 @@ def _hash_texts(texts: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _writable_dir(preferred: Path) -> Path:
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=preferred, delete=True)
-        probe.close()
-        return preferred
-    except OSError:
-        return cache_dir() / "text"
-
-
 # ---------------------------------------------------------------------------------------------
 # datasets
 
@@ -401,8 +392,10 @@ def open_dataset(source: str | os.PathLike | None, cfg, *, val_fraction: float =
                 tkey = hashlib.sha256(tok_obj.to_str().encode()).hexdigest()[:12]
             else:
                 tkey = None
-            where = _writable_dir((p if p.is_dir() else p.parent) / ".rustane-cache") \
-                if cache is None else Path(cache)
+            # derived files go to the user cache, keyed by the text's content hash: never into the
+            # user's data folder (which may be read-only, shared, or under version control)
+            where = cache_dir() / "text" if cache is None else Path(cache)
+            where.mkdir(parents=True, exist_ok=True)
             if tok_obj is None:
                 tok_path = where / f"{p.name}-bpe-v{V}-{key}.json"
                 tok_obj = _cached_bpe(texts, V, tok_path)

@@ -10,14 +10,13 @@ Without a Neural Engine (Linux, Intel Macs) the ANE parts say why they were skip
 runs on the simulator; a build that carries the test fake framework (``-Dane_fake=true``) runs the
 ANE parts through the fake, and the report says so.
 
-Exit status: 0 report written, nothing wrong found (or no ANE here); 1 report written, the ANE
+Exit status: 0 report written, nothing wrong found (or no ANE here); 3 report written, the ANE
 disagreed with the simulator or failed (the report says where); 2 the doctor could not run (one
-``error:`` line).
+``error:`` line, rustane.cli); 1 a bug in the doctor (one ``error: internal error`` line).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "run_doctor", "DoctorError", "REPORT_VERSION", "LOSS_RTOL"]
+from rustane.errors import RustaneError
+
+__all__ = ["main", "run_doctor", "DoctorError", "REPORT_VERSION", "LOSS_RTOL", "EXIT_PROBLEMS"]
 
 REPORT_VERSION = 1
 #: ANE vs fp16 simulator after the training steps: a loss differing by more than this (relative)
@@ -40,7 +41,11 @@ LOSS_RTOL = 0.02
 DEFAULT_OUT = "rustane-doctor"
 
 
-class DoctorError(Exception):
+#: exit status when the report lists problems (0, 1 and 2 are taken: ok, a bug, a usage error)
+EXIT_PROBLEMS = 3
+
+
+class DoctorError(RustaneError):
     """The doctor cannot run (bad arguments, unwritable output): one ``error:`` line, exit 2."""
 
 
@@ -352,18 +357,14 @@ def write_report(report: dict, out: Path) -> tuple[Path, Path]:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one error: line, status 2, like every other failure to run
-        raise DoctorError(f"{message} (see python -m rustane.doctor --help)")
+def build_parser():
+    from rustane.cli import ArgumentParser
 
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="python -m rustane.doctor", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m rustane.doctor", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="the model preset whose kernels are checked (default tiny)")
     ap.add_argument("--steps", type=int, default=3, help="training steps per backend (default 3)")
     ap.add_argument("--json", action="store_true", help="print doctor.json to stdout instead of a summary")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"folder for doctor.json and doctor.md (default {DEFAULT_OUT})")
-    ap.add_argument("--debug", action="store_true", help="show the traceback of an unexpected failure")
     return ap
 
 
@@ -382,29 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in report["problems"]:
             print(f"  problem: {p}")
         print(f"report: {js} and {md} (attach both to a bug report)")
-    return 1 if report["status"] == "problems" else 0
-
-
-def _run(fn) -> None:
-    """Exit with ``fn()``'s status; a DoctorError or an unexpected failure is one ``error:`` line
-    and status 2 (the traceback only with --debug)."""
-    debug = "--debug" in sys.argv[1:]
-    try:
-        code = fn()
-    except DoctorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        code = 2
-    except Exception as e:
-        if debug:
-            raise
-        print(f"error: the doctor failed unexpectedly: {type(e).__name__}: {e} (rerun with --debug for the "
-              f"traceback and report it)", file=sys.stderr)
-        code = 2
-    sys.exit(code)
+    return EXIT_PROBLEMS if report["status"] == "problems" else 0
 
 
 if __name__ == "__main__":
-    _run(main)
+    from rustane.cli import run
+
+    run(main)

@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,10 @@ import numpy as np
 
 from rustane import checkpoint, models
 from rustane.config import ModelConfig, preset
-from rustane.errors import UsageError
+from rustane import run_dir
+from rustane.divergence import DEFAULT_MAX_NONFINITE, DivergenceGuard
+from rustane.errors import Diverged, ResumeError, UsageError
+from rustane.interrupts import Interrupted, StopRequests
 from rustane.optim import AdamW, CosineSchedule, make_loss_scaler
 from rustane.runtime.model import Model
 
@@ -142,6 +143,17 @@ def kernel_flops_per_sequence(cfg: ModelConfig) -> float:
     return models.family_for(cfg).flops_per_sequence(cfg)
 
 
+def saved_train_config(state: dict[str, Any], where: Path) -> TrainConfig | None:
+    """The ``TrainConfig`` a checkpoint's trainer state recorded (None when it has none)."""
+    if "train" not in state:
+        return None
+    try:
+        return TrainConfig(**state["train"])
+    except (TypeError, UsageError) as exc:
+        raise ResumeError(f"{where / checkpoint.STATE_FILE}: bad training settings ({exc}); resume from "
+                          f"another checkpoint, or start a new run from its weights with --model {where}") from None
+
+
 def _check_engine_args(config, backend, precision, seed, train, params, ane_rules) -> None:
     """Engine arguments of the wrong type or value fail here, with the argument named, rather
     than deep inside the model build."""
@@ -186,6 +198,9 @@ class Engine:
         self.schedule = tc.schedule()
         self.step = 0
         self.trainer_state: dict[str, Any] = {}  # what a loaded checkpoint carried (data cursor...)
+        # SHA-256 of the training tokens (rustane.run_dir.describe_data), saved with checkpoints
+        # so a resume on other data is caught
+        self.data_sha256: str | None = None
         self.sampler = None
         self.save_extra_files: dict[str, bytes] = {}  # more files saved with every checkpoint
         # the model's tokenizer (a tokenizer.json string) and its settings (chat template,
@@ -200,10 +215,14 @@ class Engine:
                         train: TrainConfig | None = None, expected: ModelConfig | None = None,
                         load_optimizer: bool = True, ane_rules: bool = True) -> "Engine":
         """Restore an engine. ``train`` overrides the saved training settings (a warning names what
-        changed, since exact resume needs the same ones); ``expected`` refuses a different model."""
+        changed, since exact resume needs the same ones); ``expected`` refuses a different model.
+        With ``load_optimizer`` (resuming) a checkpoint without complete, consistent trainer and
+        optimizer state is refused (``checkpoint.check_resumable``); without it, the weights load."""
+        if load_optimizer:
+            checkpoint.check_resumable(path)
         ck = checkpoint.load(path, expected, load_optimizer=load_optimizer)
         state = ck.trainer_state
-        saved_train = TrainConfig(**state["train"]) if "train" in state else None
+        saved_train = saved_train_config(state, Path(path))
         if train is not None and saved_train is not None and train != saved_train:
             a, b = asdict(saved_train), asdict(train)
             log.warning("training settings differ from the checkpoint's (resume will not be exact): %s",
@@ -217,6 +236,7 @@ class Engine:
             eng.scaler.load_state_dict(state["loss_scaler"])
         eng.step = ck.step
         eng.trainer_state = state
+        eng.data_sha256 = state.get("data_sha256")
         eng._read_tokenizer_files(Path(path))
         return eng
 
@@ -346,6 +366,8 @@ class Engine:
               "precision": self.precision, "backend": getattr(self.backend, "name", str(self.backend))}
         if self.sampler is not None:
             st["data"] = self.sampler.state_dict()
+        if self.data_sha256 is not None:
+            st["data_sha256"] = self.data_sha256
         return st
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -383,13 +405,20 @@ class Engine:
     def fit(self, data, steps: int | None = None, *, out: str | os.PathLike | None = None,
             save_every: int = 0, keep: int | None = None, eval_every: int = 0, eval_batches: int = 8,
             on_step: Callable[[StepStats], None] | None = None,
-            on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+            on_eval: Callable[[int, float], None] | None = None,
+            max_nonfinite: int = DEFAULT_MAX_NONFINITE) -> dict[str, Any]:
         """Train until ``steps`` optimizer steps are done (default: the schedule's length).
 
         ``data`` is a ``rustane.data.TokenData``. With ``out``, metrics are appended to
         ``out/metrics.jsonl`` and checkpoints written to ``out/step-N`` every ``save_every``
         steps and at the end (``keep`` newest kept). A resumed engine continues the data
-        sampler where the checkpoint left it, so the run is bit-identical to an unbroken one.
+        sampler where the checkpoint left it, so the run is bit-identical to an unbroken one;
+        ``metrics.jsonl`` rows past the step it starts at are dropped first (each step once).
+
+        Stops early, always after saving a checkpoint in ``out``: on SIGINT/SIGTERM
+        (``rustane.interrupts.Interrupted``), and when the loss stays non-finite for
+        ``max_nonfinite`` steps (``rustane.errors.Diverged``; 0 never stops; see
+        ``rustane.divergence``).
         """
         total = self.train_config.steps if steps is None else int(steps)
         accum = self.train_config.accum
@@ -404,6 +433,10 @@ class Engine:
         metrics = None
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+            for p in checkpoint.clean_stale_temps(out_dir):
+                log.info("removed %s (a save interrupted when its process died)", p)
+            # one history per folder: rows past the step this run starts at are redone below
+            run_dir.truncate_metrics(out_dir, self.step if self.step > 0 else -1)
             metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
         history: list[StepStats] = []
         evals: list[tuple[int, float]] = []
@@ -420,45 +453,65 @@ class Engine:
             if on_eval:
                 on_eval(self.step, val)
 
-        # Ctrl-C stops at the next step boundary, so a checkpoint written then resumes exactly
-        # (a second Ctrl-C aborts at once)
-        interrupted: list[bool] = []
-
-        def on_sigint(signum, frame):
-            if interrupted:
-                raise KeyboardInterrupt
-            interrupted.append(True)
-
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        # SIGINT/SIGTERM stop at the next step boundary and save there, so the checkpoint resumes
+        # exactly; a second signal does not abandon that save, a third aborts (rustane.interrupts)
         last_saved = None
+        guard = DivergenceGuard(max_nonfinite, self.precision, self.train_config.lr)
+        diverged: str | None = None
+        stops = StopRequests()
         try:
-            if eval_every and self.step == 0:
-                do_eval()
-            while self.step < total:
-                x, y = self.sampler.next_batch(accum)
-                st = self.train_step((x, y))
-                history.append(st)
-                record({"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
-                        "loss_scale": st.loss_scale, "skipped": st.skipped, "tokens_per_s": st.tokens_per_second,
-                        "ms": st.ms})
-                if on_step:
-                    on_step(st)
-                if eval_every and (self.step % eval_every == 0 or self.step == total):
+            with stops:
+                if eval_every and self.step == 0:
                     do_eval()
-                if out_dir is not None and save_every and self.step % save_every == 0:
+                while self.step < total and not stops.requested:
+                    x, y = self.sampler.next_batch(accum)
+                    st = self.train_step((x, y))
+                    history.append(st)
+                    record({"step": st.step, "loss": st.loss, "lr": st.lr, "grad_norm": st.grad_norm,
+                            "loss_scale": st.loss_scale, "skipped": st.skipped,
+                            "tokens_per_s": st.tokens_per_second, "ms": st.ms})
+                    if on_step:
+                        on_step(st)
+                    diverged = guard.observe(st.step, st.loss, st.grad_norm)
+                    if stops.requested or diverged:
+                        break
+                    if eval_every and (self.step % eval_every == 0 or self.step == total):
+                        do_eval()
+                    if out_dir is not None and save_every and self.step % save_every == 0:
+                        stops.saving = True
+                        last_saved = self.save_step(out_dir, keep)
+                        stops.saving = False
+                if diverged:
+                    saved = self._save_if_finite(out_dir, keep, stops)
+                    where = (f"the last state (finite weights, step {self.step}) is saved in {saved}" if saved
+                             else f"the last good checkpoint is {checkpoint.latest(out_dir)}"
+                             if out_dir is not None and checkpoint.latest(out_dir) is not None
+                             else "nothing was saved")
+                    raise Diverged(f"{diverged}; {where}", checkpoint=saved, step=self.step)
+                if out_dir is not None and last_saved != self.step:
+                    stops.saving = True
                     last_saved = self.save_step(out_dir, keep)
-                if interrupted:
-                    raise KeyboardInterrupt
-            if out_dir is not None and last_saved != self.step:
-                self.save_step(out_dir, keep)
+                    stops.saving = False
         finally:
             if metrics is not None:
                 metrics.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+        if stops.requested:
+            saved = checkpoint.step_dir(out_dir, self.step) if out_dir is not None else None
+            raise Interrupted(stops.signame or "interrupt", self.step, saved)
         return {"history": history, "evals": evals, "report": self.efficiency_report(history)}
+
+    def _save_if_finite(self, out_dir: Path | None, keep: int | None, stops: StopRequests) -> Path | None:
+        """Save the current state when every weight is finite (a diverged run's skipped updates
+        leave them so); a state with inf/NaN weights is not worth a checkpoint."""
+        if out_dir is None:
+            return None
+        self.model.finish_gradients()
+        if not all(np.isfinite(w).all() for w in self.model.params.values()):
+            return None
+        stops.saving = True
+        self.save_step(out_dir, keep)
+        stops.saving = False
+        return checkpoint.step_dir(out_dir, self.step)
 
     def save_step(self, out_dir: str | os.PathLike, keep: int | None = None) -> int:
         """Checkpoint to ``out_dir/step-N`` and prune to the ``keep`` newest; returns the step."""

@@ -50,6 +50,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from rustane.chat_template import ChatTemplateError, prompt_and_full, render
+from rustane.errors import DataError
 
 __all__ = ["FinetuneDataError", "Example", "FinetuneData", "RowSampler", "read_jsonl", "row_format",
            "encode_row", "load_examples", "fit_rows", "open_finetune_data", "FORMATS"]
@@ -59,7 +60,7 @@ FORMATS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("
 _FIT_MODES = ("pad", "pack")
 
 
-class FinetuneDataError(ValueError):
+class FinetuneDataError(DataError):
     """A bad data file or row; the message starts with ``file:line:``."""
 
 

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or llama2.c tokenizer.bin); default: the model's own")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--adapter-path", default=None, help="LoRA adapters (PEFT folder) applied to the model "
+                                                        "in memory (rustane.fuse writes them into a copy)")
     # generation runs on the CPU; these were the training backend's settings and are accepted
     # so older command lines keep working
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
@@ -54,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     Sampler(args.temperature, args.top_k or None, args.top_p)  # flag errors before loading
     src = resolve_source(args.model or args.checkpoint)
     t0 = time.perf_counter()
-    model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
+    if args.adapter_path:
+        from rustane.fuse import merged_model
+        model = merged_model(src, args.adapter_path)
+    else:
+        model = load_model(src, tokenizer=args.tokenizer if str(src).endswith(".bin") else None)
     load_s = time.perf_counter() - t0
     tok = model.tokenizer()
     if args.tokenizer and not str(args.tokenizer).endswith(".bin"):

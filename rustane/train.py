@@ -10,15 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from rustane import backends, checkpoint
-from rustane.cli import ArgumentParser, HelpFormatter
+from rustane import backends, checkpoint, run_dir
+from rustane.cli import EXIT_INTERRUPTED, ArgumentParser, HelpFormatter
 from rustane.config import preset, preset_names
 from rustane.data import open_dataset
 from rustane.errors import UsageError
+from rustane.divergence import DEFAULT_MAX_NONFINITE
+from rustane.interrupts import Interrupted
 
 DEFAULT_STEPS = 1200
 
@@ -65,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end)")
     c.add_argument("--keep", type=int, default=3, help="keep the N newest checkpoints (0 keeps all)")
     c.add_argument("--resume", default=None, help="checkpoint directory, or 'auto' for the latest in --out")
+    c.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one (deletes its checkpoints and metrics)")
+    c.add_argument("--allow-changes", action="store_true",
+                   help="resume although data, model or settings differ from the run's (run.json)")
+    c.add_argument("--max-nonfinite", type=int, default=DEFAULT_MAX_NONFINITE,
+                   help="stop after N consecutive steps with a non-finite loss (fp32: the first); 0: never")
     c.add_argument("--eval-every", type=int, default=200, help="validation loss every N steps (0: never)")
     c.add_argument("--eval-batches", type=int, default=8, help="validation sequences per evaluation")
     c.add_argument("--sample", type=int, default=120, help="generate N tokens at the end (0: none)")
@@ -97,14 +106,33 @@ def _resolve_resume(args, out: Path) -> Path | None:
     return Path(args.resume)
 
 
+def _resume_command(argv: list[str] | None, out: Path) -> str:
+    """The command line that continues this run: the same flags with ``--resume auto``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    keep: list[str] = []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--resume=", "--out=")) or a in ("--overwrite", "--debug"):
+            continue
+        keep.append(a)
+    return shlex.join(["python", "-m", "rustane.train", *keep, "--out", str(out), "--resume", "auto"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name, v in (("--save-every", args.save_every), ("--keep", args.keep), ("--eval-every", args.eval_every),
-                    ("--sample", args.sample), ("--eval-batches", args.eval_batches)):
+                    ("--sample", args.sample), ("--eval-batches", args.eval_batches),
+                    ("--max-nonfinite", args.max_nonfinite)):
         if v < 0:
             raise UsageError(f"{name} must be >= 0, got {v}")
-    from rustane.engine import Engine, TrainConfig
+    from rustane.engine import Engine, saved_train_config
 
     if args.model and args.preset:
         raise UsageError("--model and --preset both choose the model; pass one of them")
@@ -118,12 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = Path(args.out or f"runs/{args.preset or (Path(args.model).stem if args.model else 'tiny')}")
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite deletes it; pass one of them")
     resume = _resolve_resume(args, out)
+    # a new run never mixes with another in the same folder (rustane.run_dir); with --overwrite
+    # the old one is deleted only once this one has been built, so a bad flag loses nothing
+    start_over = args.overwrite or (args.resume == "auto" and resume is None)
+    if resume is None and not start_over:
+        run_dir.check_new_run(out)
     tokenizer = args.tokenizer
     if resume is not None:
         expected = preset(args.preset) if args.preset else None
-        ck_state = checkpoint.trainer_state(resume)  # the tensors are read once, by from_checkpoint
-        saved = TrainConfig(**ck_state["train"]) if "train" in ck_state else None
+        ck_state = checkpoint.check_resumable(resume)  # the tensors are read once, by from_checkpoint
+        saved = saved_train_config(ck_state, resume)
         tc = _train_config(args, saved)
         eng = Engine.from_checkpoint(resume, backend=args.backend, precision=args.precision, train=tc,
                                      expected=expected, ane_rules=not args.research)
@@ -138,11 +173,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = preset(args.preset or "tiny", **({"seq_len": args.seq_len} if args.seq_len else {}))
         eng = Engine(cfg, backend=args.backend, precision=args.precision,
                      seed=0 if args.seed is None else args.seed, train=tc, ane_rules=not args.research)
+    if start_over:
+        for p in run_dir.overwrite(out):
+            print(f"removed {p} (--overwrite)" if args.overwrite else
+                  f"removed {p} (a run without any checkpoint)", file=sys.stderr)
     if tokenizer is None and eng.tokenizer_json is not None:
         # the model's own tokenizer (imported, or saved in the checkpoint) tokenizes text data
         out.mkdir(parents=True, exist_ok=True)
         tokenizer = out / "tokenizer.json"
-        tokenizer.write_text(eng.tokenizer_json, encoding="utf-8")
+        if not tokenizer.is_file() or tokenizer.read_text(encoding="utf-8") != eng.tokenizer_json:
+            tokenizer.write_text(eng.tokenizer_json, encoding="utf-8")
     source = args.data
     if args.model and source == "builtin":
         # a pretrained model reads the generated stories through its own tokenizer
@@ -151,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             source.write_text("\n\n".join(generate_stories(2000, seed=0)) + "\n", encoding="utf-8")
     data = open_dataset(source, eng.config, val_fraction=args.val_fraction, tokenizer=tokenizer)
+    provenance = run_dir.describe_data(source, data)
+    record = dict(data=provenance, model=eng.config.to_dict(), train=asdict(eng.train_config), seed=eng.seed,
+                  precision=eng.precision)
+    if resume is not None:
+        accepted = run_dir.check_resume(out, **record, allow_changes=args.allow_changes, ck_state=ck_state)
+        if accepted:
+            print(f"--allow-changes: resuming with {'; '.join(accepted)} (not the same run bit for bit)",
+                  file=sys.stderr)
+    eng.data_sha256 = provenance["sha256"]
+    run_dir.write_run(out, argv=list(sys.argv[1:] if argv is None else argv), **record,
+                      resumed_from=str(resume) if resume is not None else None)
 
     cfg = eng.config
     label = args.preset or ("from checkpoint" if resume is not None else args.model or "tiny")
@@ -193,13 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = eng.fit(data, out=out, save_every=args.save_every, keep=args.keep or None,
                          eval_every=args.eval_every, eval_batches=args.eval_batches,
-                         on_step=on_step, on_eval=on_eval)
+                         on_step=on_step, on_eval=on_eval, max_nonfinite=args.max_nonfinite)
+    except Interrupted as stop:
+        if bar is not None:
+            bar.close()
+        print(f"{stop.signame}: stopped after step {stop.step}; checkpoint saved to {stop.checkpoint}\n"
+              f"resume with: {_resume_command(argv, out)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        print(f"\ninterrupted after step {eng.step}; saving a checkpoint (resume continues exactly)")
-        eng.save_step(out, args.keep or None)
-        return 130
+        last = checkpoint.latest(out)
+        print(f"aborted during step {eng.step + 1} without saving it; "
+              + (f"the last complete checkpoint is {last}; resume with: {_resume_command(argv, out)}"
+                 if last is not None else "no checkpoint was written"), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()
@@ -220,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint: {ck}")
     if args.sample:
         print("\nsample:")
-        print(_sample(eng, data, args.prompt, args.sample))
+        try:
+            print(_sample(eng, data, args.prompt, args.sample))
+        except ValueError as exc:  # non-finite logits (a diverged run kept going with --max-nonfinite 0)
+            print(f"(no sample: {exc})")
     eng.close()
     return 0
 
@@ -249,6 +311,8 @@ def _plot(out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("loss.png not drawn: matplotlib is not installed (pip install matplotlib, or the "
+              "rustane[plot] extra); the numbers are in metrics.jsonl", file=sys.stderr)
         return
     steps, losses, vsteps, vals = [], [], [], []
     for line in (out / "metrics.jsonl").read_text().splitlines():

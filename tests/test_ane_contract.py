@@ -78,8 +78,9 @@ def _cache_dir() -> Path:
     return base / "rustane" / f"ane-fake-build-{sys.version_info[0]}{sys.version_info[1]}-{key}"
 
 
-def _build_fake_tier(prefix: Path) -> Path:
-    """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages."""
+def _build_fake_tier(prefix: Path) -> tuple[Path, Path]:
+    """pip-install this checkout with -Dane_fake=true into ``prefix``; return its site-packages and
+    the fake framework, which stays in the build folder (it is never installed)."""
     build_dir = _cache_dir()
     # --ignore-installed: without it pip "upgrades" by uninstalling the rustane this test session
     # is running from before installing into the prefix
@@ -100,17 +101,23 @@ def _build_fake_tier(prefix: Path) -> Path:
                     pytrace=False)
     sites = list(prefix.glob("lib*/python*/site-packages"))
     assert sites, f"no site-packages under {prefix}"
-    return sites[0]
+    assert not list(prefix.rglob("libfakeane*")), "the fake framework must not be installed"
+    lib = build_dir / "tests" / "fakeane" / "libfakeane.so"
+    assert lib.is_file(), f"the -Dane_fake=true build left no {lib}"
+    return sites[0], lib
 
 
 def test_contract_tier(tmp_path_factory):
     """Build rustane with the fake framework and run the contract tests against it."""
     require_tools("clang", "gnustep-config", "gcc", hint=HINT)
     if os.environ.get(INNER_ENV):
-        unavailable("the -Dane_fake=true build did not produce rustane._ane with libfakeane.so")
-    site = _build_fake_tier(tmp_path_factory.mktemp("ane-fake-prefix"))
-    env = dict(os.environ, PYTHONPATH=str(site), **{INNER_ENV: "1"})
-    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
+        unavailable("the -Dane_fake=true build did not produce rustane._ane, or RUSTANE_ANE_FAKE names no libfakeane.so")
+    site, lib = _build_fake_tier(tmp_path_factory.mktemp("ane-fake-prefix"))
+    env = dict(os.environ, PYTHONPATH=str(site), **{INNER_ENV: "1", "RUSTANE_ANE_FAKE": str(lib)})
+    # the backend protocol tests run there too: the fake build adds the ANE backend to any_backend
+    here = Path(__file__).resolve()
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+           str(here.parent / "test_backend_protocol.py")]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"contract tests failed inside the fake build:\n{out[-8000:]}"
@@ -636,6 +643,93 @@ def test_probe_through_the_fake_finds_the_dialect_and_falls_back(fake, backend):
     assert r["checks"]["cast"]["ok"]  # the rest ran in the fallback dialect
 
 
+def _custom(base, **fields):
+    import dataclasses
+
+    return dataclasses.replace(base, **fields)
+
+
+def _probe_profiles():
+    """Chip profiles, plus variants the evidence allows (a looser minimum like maderix's 12 KB runs,
+    stricter widths), so the probe's record is shown to follow the fake, not the shipped numbers."""
+    from rustane.mil import ane_rules
+
+    p = ane_rules.profile
+    return {
+        "m1-15": p("m1", 15), "m1-26": p("m1", 26), "m3-15": p("m3", 15), "m4-26": p("m4", 26),
+        "m5-26": p("m5", 26), "m4-26-strict": p("m4", 26).strict(),
+        "m4-26-12KB": _custom(p("m4", 26), min_surface_bytes=12288),
+        "m2-15-stricter": _custom(p("m2", 15), min_surface_bytes=65536, width_multiple=32, zero_width=48),
+        "m5-26-looser": _custom(p("m5", 26), width_multiple=8, min_width=32, zero_width=16, max_width=32768),
+    }
+
+
+@fake_only
+@pytest.mark.filterwarnings("ignore:.*ANE compiles in this process:RuntimeWarning")
+@pytest.mark.parametrize("pid", list(_probe_profiles()))
+def test_probe_record_matches_the_fake_profiles_evidence(fake, profiled, pid):
+    """Under each chip profile the probe records, per rule, exactly what the profile makes the fake
+    do (values derived here from the profile's fields), and its dialect/op checks are not fooled by
+    the shape limits (every such program is inside them). The profile the cached probe selects
+    then never allows what this fake refused."""
+    from rustane import probe
+    from rustane.backends.ane import AneBackend
+    from rustane.mil import ane_rules
+
+    prof = _probe_profiles()[pid]
+    profiled(prof)
+    r = probe.run_probe(AneBackend(check=False), quick=True)
+    rules = r["rules"]
+    assert rules["dialect"]["accepted"] == [d for d in probe.DIALECTS if d in prof.dialects]
+    assert r["dialect"] == prof.dialects[0]  # found despite the 49 KB / width-64 limits
+    assert rules["min-surface"]["accepted_min"] == min(b for b in probe.SURFACE_SIZES if b >= prof.min_surface_bytes)
+    below = [t for t in rules["min-surface"]["tested"] if t["value"] < prof.min_surface_bytes]
+    assert below and all(t["result"] == "eval-error" for t in below)
+    assert rules["min-width"]["accepted_min"] == min(w for w in probe.WIDTHS if w >= max(prof.min_width, prof.zero_width))
+    assert rules["zero-width"]["zeros_at"] == [w for w in probe.WIDTHS if w < prof.zero_width]
+    assert rules["width-multiple"]["accepted_multiple"] == prof.width_multiple
+    fits = [w for w in probe.MAX_WIDTHS if w <= prof.max_width and w <= prof.max_dim]
+    assert rules["max-width"]["accepted_max"] == max(fits)
+    assert all(t["result"] == "compile-error" for t in rules["max-width"]["tested"] if t["value"] not in fits)
+    matmul_ok = "matmul" not in prof.rejected_ops
+    assert rules["matmul-op"]["result"] == ("ok" if matmul_ok else "compile-error")
+    inner = {t["value"]: t["result"] for t in rules["matmul-inner"]["tested"]}
+    if not matmul_ok:
+        assert set(inner.values()) == {"compile-error"}
+    elif prof.enforces("matmul-inner"):
+        assert inner == {64: "ok", 80: "zeros"} and rules["matmul-inner"]["accepted_multiple"] == 32
+    else:
+        assert inner == {64: "ok", 80: "ok"}
+    assert rules["cast-op"]["result"] == ("compile-error" if "cast" in prof.rejected_ops else "ok")
+    assert rules["uniform-io-sizes"] == {"equal": "ok", "different": "eval-error"}
+    assert r["checks"]["inputs_different_sizes"]["code"] == 0x1D
+
+    # the profile a cached probe of this Mac selects (its chip named as the fake's profile is)
+    chip = prof.chip.upper()
+    r["machine"] = dict(r["machine"], chip=f"Apple {chip}", os=f"{prof.os}.1")
+    sel = ane_rules.profile_from_probe(r)
+    assert sel.min_surface_bytes >= prof.min_surface_bytes and sel.min_width >= prof.min_width
+    # every width the fake zeroed or refused stays refused (zero_width up to the ladder's resolution)
+    assert sel.zero_width > max(rules["zero-width"]["zeros_at"], default=0) and sel.min_width >= prof.min_width
+    assert sel.width_multiple % prof.width_multiple == 0
+    assert sel.max_width <= prof.max_width and sel.rejected_ops >= prof.rejected_ops
+    assert set(sel.dialects) <= set(prof.dialects)
+    if prof.enforces("matmul-inner"):
+        assert sel.enforces("matmul-inner")
+    base = ane_rules.profile(prof.chip, prof.os)
+    if pid in ("m2-15-stricter",):  # measured stricter than the chip's shipped numbers: tightened to them
+        assert (sel.min_surface_bytes, sel.width_multiple, sel.zero_width) == (65536, 32, 33)
+    if pid in ("m4-26-12KB", "m5-26-looser"):  # measured looser: never loosened
+        assert sel == base
+    # guards then refuse what this fake refused: tiny's 49,152-byte tensors on a 64 KB-minimum Mac
+    from rustane import ane_guard
+    from rustane.config import preset
+
+    if sel.min_surface_bytes > 49152:
+        with pytest.raises(ane_guard.AneRuleError, match="min-surface"):
+            ane_guard.require_config(preset("tiny"), sel)
+
+
 def test_probe_cache_round_trip_and_invalidation(tmp_path, monkeypatch):
     from rustane import probe
     from rustane.backends.ane import probe_cache
@@ -996,8 +1090,8 @@ def test_selfcheck_passes_clean_kernels_and_a_cached_pass_skips_it(fake, tmp_pat
 
 @fake_only
 def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tmp_path):
-    """``train --backend ane`` on a corrupted kernel: exit status 1 (SystemExit with the message),
-    one ``error:`` line naming the kernel and the way out, no traceback, no checkpoint."""
+    """``train --backend ane`` on a corrupted kernel: exit status 2 (an expected failure,
+    rustane.cli), one ``error:`` line naming the kernel and the way out, no traceback, no checkpoint."""
     if importlib.util.find_spec("rustane.train") is None:
         pytest.skip("the training CLI (rustane.train) is not in this build")
     ane, path = FAKE
@@ -1007,7 +1101,7 @@ def test_training_cli_stops_on_a_selfcheck_mismatch_with_one_error_line(fake, tm
     r = subprocess.run([sys.executable, "-P", "-m", "rustane.train", "--preset", "tiny", "--steps", "2",
                         "--eval-every", "0", "--sample", "0", "--no-progress", "--backend", "ane",
                         "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ANE self-check: kernel wotBwd"), r.stderr
     assert "Traceback" not in r.stderr and "--backend sim" in lines[0]
@@ -1047,10 +1141,10 @@ def test_doctor_through_the_fake_ane_checks_every_kernel_and_trains_bit_identica
 
 
 @fake_only
-def test_doctor_reports_the_one_corrupted_kernel_and_exits_1(fake, tmp_path):
+def test_doctor_reports_the_one_corrupted_kernel_and_exits_3(fake, tmp_path):
     texts, plan = _kernel_texts()
     r, rep = _doctor_in_fake_build(tmp_path, FAKEANE_CORRUPT=_sha(texts["ffnBwdW2t"]))
-    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.returncode == 3, r.stderr[-3000:]
     assert rep["status"] == "problems"
     status = {k["name"]: k["status"] for k in rep["kernels"]}
     assert status == {n: ("mismatch" if n == "ffnBwdW2t" else "ok") for n in plan}

@@ -145,6 +145,51 @@ def test_profile_from_probe_picks_chip_and_os():
     assert ane_rules.profile_from_probe(None) is CONSERVATIVE
 
 
+def _rules(**over):
+    """A probe record where everything the probe tried worked, then ``over`` per rule."""
+    ok = lambda *vals: [{"value": v, "result": "ok"} for v in vals]  # noqa: E731
+    rec = {"dialect": {"accepted": ["ios18", "ios16"]},
+           "min-surface": {"width": 64, "tested": ok(2048, 49152), "accepted_min": 2048},
+           "min-width": {"bytes": 98304, "tested": ok(16, 64), "accepted_min": 16},
+           "zero-width": {"zeros_at": []},
+           "width-multiple": {"tested": ok(65, 80), "accepted_multiple": 1},
+           "max-width": {"tested": ok(16384, 32768), "accepted_max": 32768, "refused_from": None},
+           "matmul-inner": {"tested": ok(64, 80), "accepted_multiple": 1},
+           "matmul-op": {"result": "ok"}, "cast-op": {"result": "ok"},
+           "uniform-io-sizes": {"equal": "ok", "different": "ok"}}
+    rec.update(over)
+    return rec
+
+
+def test_a_probe_that_saw_everything_work_never_loosens_the_profile():
+    for p in [CONSERVATIVE, profile("m1", 26), profile("m4", 15)]:
+        assert ane_rules.tighten(p, _rules()) == p
+
+
+def test_a_probe_that_saw_stricter_limits_tightens_each_rule():
+    bad = lambda v, r: {"value": v, "result": r}  # noqa: E731
+    rules = _rules(**{
+        "dialect": {"accepted": ["ios16"]},
+        "min-surface": {"width": 64, "tested": [bad(49152, "eval-error"), bad(65536, "ok")], "accepted_min": 65536},
+        "min-width": {"bytes": 98304, "tested": [bad(64, "eval-error"), bad(128, "ok")], "accepted_min": 128},
+        "zero-width": {"zeros_at": [16, 32, 48]},
+        "width-multiple": {"tested": [bad(80, "wrong"), bad(128, "ok")], "accepted_multiple": 32},
+        "max-width": {"tested": [bad(8192, "ok"), bad(16384, "compile-error")], "accepted_max": 8192,
+                      "refused_from": 16384},
+        "matmul-inner": {"tested": [bad(64, "ok"), bad(80, "zeros")], "accepted_multiple": 32},
+        "cast-op": {"result": "compile-error"},
+    })
+    t = ane_rules.tighten(profile("m4", 26), rules)
+    assert t.dialects == ("ios16",) and t.min_surface_bytes == 65536 and t.min_width == 128
+    assert t.zero_width == 49 and t.width_multiple == 32 and t.max_width == 8192
+    assert "cast" in t.rejected_ops and "matmul" not in t.rejected_ops and t.enforces("matmul-inner")
+    # and a failed matmul rejects the op (the M1/M2 + macOS 26 report), whatever the chip
+    t = ane_rules.tighten(CONSERVATIVE, _rules(**{"matmul-op": {"result": "compile-error"}}))
+    assert "matmul" in t.rejected_ops
+    with pytest.raises(AneRuleError, match="matmul-op"):
+        ane_guard.require_config(preset("tiny"), t)
+
+
 def test_rule_table_matches_the_document():
     """docs/ane-rules.md lists exactly the rules of the module, each with a section."""
     from pathlib import Path

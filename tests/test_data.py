@@ -149,11 +149,15 @@ def test_val_batches_deterministic_and_disjoint():
 
 def test_text_file_bpe_trained_and_cached(tmp_path, monkeypatch):
     cfg = preset("tiny", seq_len=32)
-    txt = tmp_path / "story.txt"
+    monkeypatch.setenv("RUSTANE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "data").mkdir()
+    txt = tmp_path / "data" / "story.txt"
     txt.write_text(corpus_text(150, seed=1))
     td = D.open_dataset(txt, cfg)
     assert td.tokenizer is not None and td.tokenizer.get_vocab_size() <= cfg.vocab_size
-    assert td.tokenizer_path.exists() and td.tokenizer_path.parent == tmp_path / ".rustane-cache"
+    # cached in the user cache (RUSTANE_CACHE), keyed by content; nothing beside the data
+    assert td.tokenizer_path.exists() and td.tokenizer_path.parent == tmp_path / "cache" / "text"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["story.txt"]
     all_ids = np.concatenate([td.train, td.val])
     text = td.tokenizer.decode(all_ids.tolist(), skip_special_tokens=True)
     assert text.split() == txt.read_text().split()  # lossless up to the EOT separators
@@ -167,7 +171,8 @@ def test_text_file_bpe_trained_and_cached(tmp_path, monkeypatch):
     txt.write_text(corpus_text(150, seed=2))
     with pytest.raises(AssertionError, match="retrained"):
         D.open_dataset(txt, cfg)
-    assert not list((tmp_path / ".rustane-cache").glob(".*.tmp"))  # no temp leftovers
+    assert not list((tmp_path / "cache" / "text").glob(".*.tmp"))  # no temp leftovers
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["story.txt"]
 
 
 def test_folder_and_given_tokenizer(tmp_path):

@@ -117,7 +117,7 @@ def test_train_model_then_resume_and_generate_without_tokenizer(tiny_gguf, tmp_p
     assert "tokens/s]" in p.stdout and "seq 192" in p.stdout
     step2 = tmp_path / "run" / "step-00000002"
     assert (step2 / "tokenizer.json").exists()
-    p = _cli("rustane.train", "--model", d / "m.gguf", "--resume", "auto", "--steps", 3, "--sample", 0, *common,
+    p = _cli("rustane.train", "--model", d / "m.gguf", "--resume", "auto", "--steps", 3, "--allow-changes", "--sample", 0, *common,
              cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "resumed from" in p.stdout and (tmp_path / "run" / "step-00000003" / "tokenizer.json").exists()

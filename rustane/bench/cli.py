@@ -22,6 +22,7 @@ COMMANDS = {
     "qk-norm": "qk_norm",
     "compare": "compare",
     "plot": "plot",
+    "finetune": "finetune",
 }
 SUITES = ("ci", "smoke")  # rustane/bench/suite.py defines them
 

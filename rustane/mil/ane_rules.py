@@ -151,9 +151,15 @@ CONSERVATIVE = Profile(chip="any", os=0)
 
 
 def profile_from_probe(result: dict | None) -> Profile:
-    """The profile a cached probe result selects (CONSERVATIVE when it names no known chip/OS)."""
+    """The profile a cached probe result selects: its chip generation and macOS major (CONSERVATIVE
+    when it names no known chip/OS), tightened by every limit the probe measured stricter
+    (``tighten``)."""
     if not result or not result.get("ane"):
         return CONSERVATIVE
+    return tighten(_chip_profile(result), result.get("rules") or {})
+
+
+def _chip_profile(result: dict) -> Profile:
     chip = chip_generation(str((result.get("machine") or {}).get("chip", "")))
     try:
         os_major = int(str((result.get("machine") or {}).get("os", "")).split(".")[0])
@@ -161,8 +167,58 @@ def profile_from_probe(result: dict | None) -> Profile:
         return CONSERVATIVE
     if chip is None:
         return CONSERVATIVE
-    os_major = 26 if os_major >= 26 else 15
-    return profile(chip, os_major)
+    return profile(chip, 26 if os_major >= 26 else 15)
+
+
+def tighten(p: Profile, rules: dict) -> Profile:
+    """``p`` made stricter wherever the probe's per-rule record (``rustane.probe.summarize_rules``)
+    saw this Mac refuse or miscompute what ``p`` allows. Never looser: the probe tries a few shapes,
+    and a shape that worked there proves nothing about the ones it did not try."""
+    import math
+
+    ch: dict = {}
+    ok = "ok"
+    accepted = (rules.get("dialect") or {}).get("accepted")
+    if accepted:
+        d = tuple(x for x in p.dialects if x in accepted) or tuple(accepted)
+        if d != p.dialects:
+            ch["dialects"] = d
+    ms = (rules.get("min-surface") or {}).get("accepted_min")
+    if ms is not None and ms > p.min_surface_bytes:
+        ch["min_surface_bytes"] = ms
+    zeros = (rules.get("zero-width") or {}).get("zeros_at") or []
+    zero_width = max([p.zero_width] + [w + 1 for w in zeros])
+    if zero_width != p.zero_width:
+        ch["zero_width"] = zero_width
+    mw = (rules.get("min-width") or {}).get("accepted_min")
+    min_width = max(p.min_width, mw or 0, zero_width)
+    if min_width != p.min_width:
+        ch["min_width"] = min_width
+    wm = (rules.get("width-multiple") or {}).get("accepted_multiple")
+    if wm is not None and p.width_multiple % wm:
+        ch["width_multiple"] = p.width_multiple * wm // math.gcd(p.width_multiple, wm)
+    mx = rules.get("max-width") or {}
+    if mx.get("refused_from") is not None:
+        top = mx.get("accepted_max")
+        if top is None:  # even the smallest tested width was refused: keep to the widths seen working
+            top = max([t["value"] for key in ("min-width", "width-multiple") for t in (rules.get(key) or {}).get("tested", [])
+                       if t["result"] == ok] or [p.min_width])
+        if top < p.max_width:
+            ch["max_width"] = top
+    rejected = set(p.rejected_ops)
+    if (rules.get("matmul-op") or {}).get("result", ok) != ok:
+        rejected |= {"matmul", "scaled_dot_product_attention"}
+    if (rules.get("cast-op") or {}).get("result", ok) != ok:
+        rejected.add("cast")
+    if rejected != set(p.rejected_ops):
+        ch["rejected_ops"] = frozenset(rejected)
+    inner = rules.get("matmul-inner") or {}
+    im = inner.get("accepted_multiple")
+    if any(t["result"] != ok for t in inner.get("tested", [])) and im is not None and im > 1:
+        # a contraction dim off the multiple went wrong here: the low-confidence rule is real on this Mac
+        ch["matmul_inner_multiple"] = max(p.matmul_inner_multiple, im)
+        ch["enforced"] = p.enforced | {"matmul-inner"}
+    return dataclasses.replace(p, **ch) if ch else p
 
 
 def chip_generation(brand: str) -> str | None:

@@ -80,22 +80,25 @@ class KernelSet:
 
     # ---- weights ------------------------------------------------------------------------------
 
-    def stage_weights(self, param_of, run=None) -> None:
+    def stage_weights(self, param_of, run=None, layers=None) -> None:
         """Write every layer's weight blocks from ``param_of(layer, block.param)`` (fp32, natural
-        orientation; a vector fills a one-row or one-column block). ``run(fn, jobs)`` may split the
-        jobs over threads (memory-bound copies)."""
+        orientation; a vector fills a one-row or one-column block; None leaves the block as it
+        is). ``run(fn, jobs)`` may split the jobs over threads (memory-bound copies); ``layers``
+        limits the staging to those layers."""
         jobs = []
         for name, spec in self.plan.items():
             wblocks = spec.weight_blocks
             if wblocks:
-                jobs += [(buf, layer, wblocks) for layer, buf in enumerate(self.inb[name])]
+                jobs += [(buf, layer, wblocks) for layer, buf in enumerate(self.inb[name])
+                         if layers is None or layer in layers]
 
         def stage(jobs) -> None:
             for buf, layer, wblocks in jobs:
                 with buf.lock() as view:
                     for b in wblocks:
                         w = param_of(layer, b.param)
-                        put(view, w if w.ndim == 2 else w.reshape(b.source_shape), b)
+                        if w is not None:
+                            put(view, w if w.ndim == 2 else w.reshape(b.source_shape), b)
 
         if run is None:
             stage(jobs)

@@ -10,6 +10,11 @@ step; nothing here names one.
 Weights live in two places — the fp32 masters and their staged copies in the kernels' input
 buffers — so every change to the masters goes through :meth:`Model.optimizer_step` (or is followed
 by :meth:`Model.params_changed`), which re-stages them: a loop cannot train on stale weights.
+
+Fine-tuning (docs/finetune.md) trains a subset: ``trainable`` names the parameters that get
+gradients (the others get none, and their dW is never computed); with ``keep_frozen=False`` the
+fp32 masters of frozen layer matrices are dropped once staged, layer by layer, so the staged
+buffers are their only copy.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ def program_dtype(backend) -> str:
 class Model:
     """Kernels, buffers, fp32 master weights and gradient accumulators of one model."""
 
-    def __init__(self, cfg, backend, params: dict[str, np.ndarray] | None = None, *, seed: int = 0):
+    def __init__(self, cfg, backend, params: dict[str, np.ndarray] | None = None, *, seed: int = 0,
+                 trainable=None, keep_frozen: bool = True):
         self.cfg = cfg.validate()
         self.family = models.family_for(cfg)  # the package that knows what is computed
         self.backend = backend
@@ -48,7 +54,8 @@ class Model:
                 raise ValueError(f"parameter {k}: expected shape {shp}, got {None if a is None else a.shape}")
             if a.dtype != np.float32 or not a.flags.c_contiguous:
                 self.params[k] = np.ascontiguousarray(a, dtype=np.float32)
-        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.trainable = frozenset(self.params if trainable is None else trainable)
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items() if k in self.trainable}
         self.queue = native.DWQueue()
         self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False))
         self.ws = Workspace()
@@ -64,12 +71,23 @@ class Model:
             raise
         self.compile_seconds = self.kernels_set.compile_seconds
         self.math = self.family.Step(self)
-        self.stage_weights()
+        if keep_frozen:
+            self.stage_weights()
+        else:
+            for layer in range(cfg.n_layers):
+                self.kernels_set.stage_weights(self.math.layer_param, layers=(layer,))
+                self._release_frozen(layer)
 
     # ---- weights ---------------------------------------------------------------------------------
 
-    def layer_param(self, layer: int, name: str) -> np.ndarray:
+    def layer_param(self, layer: int, name: str) -> np.ndarray | None:
         return self.math.layer_param(layer, name)
+
+    def _release_frozen(self, layer: int) -> None:
+        """Drop the fp32 masters of this layer's frozen matrices (staged already; the CPU never
+        reads them)."""
+        for k in self.math.release_frozen(layer, self.trainable):
+            del self.params[k]
 
     def layer_grad(self, layer: int, name: str) -> np.ndarray:
         return self.math.layer_grad(layer, name)
@@ -138,16 +156,22 @@ class Model:
 
     # ---- one micro-step --------------------------------------------------------------------------
 
-    def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
+    def forward_backward(self, tokens, targets, loss_scale: float = 1.0, weights=None) -> float:
         """Forward and backward of one sequence; gradients of ``loss·loss_scale`` are ADDED to
-        ``self.grads`` (dW sgemms may still be running on the queue). Returns the unscaled loss."""
+        ``self.grads`` (dW sgemms may still be running on the queue). Returns the unscaled loss.
+        With per-position ``weights`` the loss is ``Σ weights·CE`` (loss masks)."""
         tokens = self._check_tokens(tokens, "tokens")
         targets = self._check_tokens(targets, "targets")
         self.ws.begin_micro_step(self._wait_queue)
         self.ws.active = True
         try:
             with self.threads.step():
-                return self.math.forward_backward(tokens, targets, loss_scale)
+                if weights is None:
+                    return self.math.forward_backward(tokens, targets, loss_scale)
+                w = np.ascontiguousarray(weights, dtype=np.float32)
+                if w.shape != tokens.shape:
+                    raise ValueError(f"weights: expected {tokens.shape[0]} values (seq_len), got {w.shape}")
+                return self.math.forward_backward(tokens, targets, loss_scale, weights=w)
         finally:
             self.ws.active = False
 

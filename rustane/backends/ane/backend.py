@@ -8,9 +8,9 @@ Where it is available:
 
 - macOS on Apple silicon, when the private framework loads.
 - Linux, for tests only: when the package was built with ``-Dane_fake=true`` the runtime talks to a
-  fake framework (``libfakeane.so``, installed next to the package) whose evaluate runs the MIL
-  through the fp16 simulator. Opt in with ``RUSTANE_ANE_FAKE=<path to libfakeane.so>`` (see
-  ``fake_library_path()``), so ``auto`` never picks the fake by accident.
+  fake framework (``libfakeane.so``, built from tests/fakeane into the build folder, never
+  installed) whose evaluate runs the MIL through the fp16 simulator. Opt in with
+  ``RUSTANE_ANE_FAKE=<path to libfakeane.so>``, so ``auto`` never picks the fake by accident.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def _runtime():
 
 
 def fake_library_path() -> str | None:
-    """The test fake framework installed with a ``-Dane_fake=true`` build, if present."""
-    try:
-        import rustane
-    except ImportError:  # pragma: no cover
-        return None
-    for base in getattr(rustane, "__path__", []):
-        p = Path(base) / FAKE_LIBRARY
-        if p.is_file():
-            return str(p)
-    return None
+    """The test fake framework: the file ``RUSTANE_ANE_FAKE`` names, else the one a
+    ``-Dane_fake=true`` build left in its build folder (``tests/fakeane/libfakeane.so``, recorded in
+    the runtime: the fake is test scaffolding and never installed with the package)."""
+    path = os.environ.get(FAKE_ENV)
+    if not path:
+        try:
+            path = getattr(_runtime(), "FAKE_LIBRARY_PATH", "")
+        except ImportError:
+            return None
+    return path if path and Path(path).is_file() else None
 
 
 _init_lock = threading.Lock()
@@ -76,7 +76,7 @@ def unavailable_reason() -> str | None:
             return "not macOS: no Apple Neural Engine here"
         path = os.environ.get(FAKE_ENV)
         if not path:
-            hint = fake_library_path() or "<path to libfakeane.so>"
+            hint = fake_library_path() or f"<build dir>/tests/fakeane/{FAKE_LIBRARY}"
             return (f"not macOS: no Apple Neural Engine here (this build carries the test fake framework; "
                     f"set {FAKE_ENV}={hint} to use it)")
     with _init_lock:

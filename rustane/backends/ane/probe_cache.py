@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-rule probe records ("rules")
 
 __all__ = ["CACHE_VERSION", "cache_path", "load_cached_probe", "machine_key", "save_probe"]
 

@@ -45,10 +45,42 @@ class LlamaStep:
         self._layer_grads = P.by_layer(rt.grads, cfg.n_layers)
         # the embedding scatter-add runs on this thread while the dW queue may be writing the
         # classifier's dE: with tied weights they accumulate apart and meet after the wait
-        self._g_embed_in = (np.zeros_like(rt.params[P.EMBED]) if cfg.tie_embeddings else rt.grads[P.EMBED])
+        g_embed = rt.grads.get(P.EMBED)
+        self._g_embed_in = (np.zeros_like(g_embed) if cfg.tie_embeddings and g_embed is not None else g_embed)
+        #: LoRA adapters being trained (``rustane.lora_train.LoraTrainer``), or None
+        self.lora = None
+        self._scratch: dict = {}  # gradients of frozen vectors, computed on the way and dropped
 
-    def layer_param(self, layer: int, name: str) -> np.ndarray:
-        return self._layer_params[layer][name]
+    def layer_param(self, layer: int, name: str) -> np.ndarray | None:
+        return self._layer_params[layer].get(name)
+
+    def release_frozen(self, layer: int, trainable) -> list[str]:
+        """Forget this layer's frozen matrices (the kernels hold them); returns their full names."""
+        pre, lp = P.layer_prefix(layer), self._layer_params[layer]
+        names = [k for k, v in lp.items() if v.ndim == 2 and pre + k not in trainable]
+        for k in names:
+            del lp[k]
+        return [pre + k for k in names]
+
+    def grad_of(self, layer: int | None, name: str, like: np.ndarray) -> np.ndarray:
+        """The gradient accumulator of a vector parameter, or a scratch one when it is frozen."""
+        g = self.rt.grads.get(name) if layer is None else self._layer_grads[layer].get(name)
+        if g is None:
+            g = self._scratch.get(like.shape)
+            if g is None:
+                g = self._scratch[like.shape] = np.zeros_like(like)
+        return g
+
+    def weight_grad(self, layer: int, name: str, dy: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+        """Queue the gradient of ``W·x`` (``y`` = its output, ``dy`` its gradient): ``dW += dy·xᵀ``
+        when W trains; the adapters' gradients when it carries one (returning their share of dx,
+        which the frozen W's kernel does not include); nothing when it is frozen."""
+        if self.lora is not None and self.lora.has(layer, name):
+            return self.lora.backward(layer, name, dy, x)
+        g = self._layer_grads[layer].get(name)
+        if g is not None:
+            self.rt.dw(g, dy, x)
+        return None
 
     def layer_grad(self, layer: int, name: str) -> np.ndarray:
         return self._layer_grads[layer][name]
@@ -57,12 +89,12 @@ class LlamaStep:
 
     def fold_gradients(self) -> None:
         """After the dW queue drained: add the embedding-input gradient to the (tied) embedding's."""
-        if self._g_embed_in is not self.rt.grads[P.EMBED]:
+        if self._g_embed_in is not None and self._g_embed_in is not self.rt.grads[P.EMBED]:
             self.rt.grads[P.EMBED] += self._g_embed_in
             self._g_embed_in.fill(0)
 
     def zero_gradients(self) -> None:
-        if self._g_embed_in is not self.rt.grads[P.EMBED]:
+        if self._g_embed_in is not None and self._g_embed_in is not self.rt.grads[P.EMBED]:
             self._g_embed_in.fill(0)
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -99,7 +131,10 @@ class LlamaStep:
 
     # ---- one micro-step ----------------------------------------------------------------------------
 
-    def forward_backward(self, tokens: np.ndarray, targets: np.ndarray, loss_scale: float) -> float:
+    def forward_backward(self, tokens: np.ndarray, targets: np.ndarray, loss_scale: float,
+                         weights: np.ndarray | None = None) -> float:
+        """``weights`` (per position, e.g. a loss mask over the step's loss-token count): the
+        loss is ``Σ weights·CE`` instead of the mean CE."""
         rt, cfg = self.rt, self.cfg
         D, S, V = cfg.dim, cfg.seq_len, cfg.vocab_size
         buf, threads, params, grads = rt.ws.get, rt.threads, rt.params, rt.grads
@@ -114,19 +149,26 @@ class LlamaStep:
             # no dW of this micro-step is queued yet, so the classifier and the CE may use every core
             # (CE: positions over up to 4 threads, the same bits for any count)
             logits = threads.matmul_rows(w_head, xf, out=buf("logits", (V, S)))  # [V, S]
-            loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
-                                                  threads=cpu_ops.optimizer_threads())
+            if weights is None:
+                loss, dlogits = cpu_ops.cross_entropy(logits, targets, grad_scale=loss_scale, dlogits=logits,
+                                                      threads=cpu_ops.optimizer_threads())
+            else:
+                loss, dlogits = cpu_ops.cross_entropy_weighted(logits, targets, weights, grad_scale=loss_scale,
+                                                               dlogits=logits, threads=cpu_ops.optimizer_threads())
             # dx before the classifier's dW is queued: on the simulator the second core is still free
             # for it then, and the queue absorbs the dW while the layers' backward runs
             dxf = threads.matmul_rows(w_head.T, dlogits, out=buf("dxf", (D, S)))
-            rt.dw(grads[self.head_name], dlogits, xf)
-            dy = cpu_ops.rmsnorm_backward(dxf, x, params[P.FINAL_NORM], rf, grads[P.FINAL_NORM], dx=dxf)
+            if self.head_name in grads:
+                rt.dw(grads[self.head_name], dlogits, xf)
+            dy = cpu_ops.rmsnorm_backward(dxf, x, params[P.FINAL_NORM], rf,
+                                          self.grad_of(None, P.FINAL_NORM, params[P.FINAL_NORM]), dx=dxf)
 
         for layer in reversed(range(cfg.n_layers)):
             dy = self.backward_layer(layer, saved[layer], dy, alpha)
 
-        with rt.timer.phase("cpu"):
-            cpu_ops.embedding_backward(dy, tokens, self._g_embed_in)
+        if self._g_embed_in is not None:
+            with rt.timer.phase("cpu"):
+                cpu_ops.embedding_backward(dy, tokens, self._g_embed_in)
         return loss
 
     def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +183,8 @@ class LlamaStep:
     def backward_layer(self, layer: int, s: Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
         """dy = dL/d(layer output) -> dL/d(layer input); queues this layer's dW sgemms."""
         cfg, ks, rt = self.cfg, self.ks, self.rt
-        buf, dw, cpu = rt.ws.get, rt.dw, rt.timer.phase("cpu")
-        w, g = self._layer_params[layer], self._layer_grads[layer]
+        buf, dw, cpu = rt.ws.get, self.weight_grad, rt.timer.phase("cpu")
+        w = self._layer_params[layer]
 
         # FFN: x_next = x2 + α·W2·(silu(W1·x2n) ⊙ W3·x2n)
         df = np.multiply(dy, alpha, out=buf(("df", layer), dy.shape)) if alpha != 1 else dy
@@ -151,13 +193,20 @@ class LlamaStep:
         ks.copy("ffnBwdW13t", layer, (("ffnBwdW2t", 0, "dgate", "dgate"),
                                       ("ffnFused", layer, "h1", "h1"), ("ffnFused", layer, "h3", "h3")))
         (gate,) = ks.read("ffnFused", layer, "gate")
-        dw(g[P.W2], df, gate)
+        extra = dw(layer, P.W2, df, gate)
+        if extra is not None:  # the adapter's share of d(gate): the kernel multiplied by W2 only
+            (dgate,) = ks.read("ffnBwdW2t", layer, "dgate")
+            dgate += extra
+            ks.stage("ffnBwdW13t", layer, dgate=dgate)
         ks.eval("ffnBwdW13t", layer)
         dx2n, dh1, dh3 = ks.read("ffnBwdW13t", layer, "dx2n", "dh1", "dh3")
-        dw(g[P.W1], dh1, s.x2n)
-        dw(g[P.W3], dh3, s.x2n)
+        for name, d in ((P.W1, dh1), (P.W3, dh3)):
+            extra = dw(layer, name, d, s.x2n)
+            if extra is not None:
+                dx2n += extra
         with cpu:
-            dx2 = cpu_ops.rmsnorm_backward(dx2n, s.x2, w[P.FFN_NORM], s.rrms_ffn, g[P.FFN_NORM], dx=dx2n)
+            dx2 = cpu_ops.rmsnorm_backward(dx2n, s.x2, w[P.FFN_NORM], s.rrms_ffn,
+                                           self.grad_of(layer, P.FFN_NORM, w[P.FFN_NORM]), dx=dx2n)
             dx2 += dy
 
         # attention: x2 = x + α·Wo·attn(rope(Wq·xn), rope(Wk·xn), Wv·xn)
@@ -166,9 +215,13 @@ class LlamaStep:
         ks.stage("wotBwd", layer, dx2s=dx2s)
         ks.eval("wotBwd", layer)
         (attn,) = ks.read("sdpaFwd", layer, "attn")
-        dw(g[P.WO], dx2s, attn)
+        extra = dw(layer, P.WO, dx2s, attn)
         ks.copy("sdpaBwd1", 0, (("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
                                 ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")))
+        if extra is not None:  # the adapter's share of d(attn)
+            (da,) = ks.read("wotBwd", layer, "da")
+            da += extra
+            ks.stage("sdpaBwd1", 0, da=da)
         ks.eval("sdpaBwd1", layer)
         ks.copy("sdpaBwd2", 0, (("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
                                 ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")))
@@ -176,9 +229,8 @@ class LlamaStep:
         (dv,) = ks.read("sdpaBwd1", layer, "dv")
         dq_r, dk_r = ks.read("sdpaBwd2", layer, "dq_rope", "dk_rope")
         dq, dk = self.qk_backward(layer, dq_r, dk_r)
-        dw(g[P.WQ], dq, s.xn)
-        dw(g[P.WK], dk, s.xn)
-        dw(g[P.WV], dv, s.xn)
+        extras = [e for e in (dw(layer, P.WQ, dq, s.xn), dw(layer, P.WK, dk, s.xn), dw(layer, P.WV, dv, s.xn))
+                  if e is not None]
         if self.is_mha:
             ks.stage("qkvBwd", layer, dq=dq, dk=dk, dv=dv)
             ks.eval("qkvBwd", layer)
@@ -191,7 +243,10 @@ class LlamaStep:
             (dxa,) = ks.read("qBwd", layer, "dxq")
             (dxkv,) = ks.read("kvBwd", layer, "dxkv")
             dxa += dxkv
+        for e in extras:
+            dxa += e
         with cpu:
-            dx = cpu_ops.rmsnorm_backward(dxa, s.x, w[P.ATTN_NORM], s.rrms_att, g[P.ATTN_NORM], dx=dxa)
+            dx = cpu_ops.rmsnorm_backward(dxa, s.x, w[P.ATTN_NORM], s.rrms_att,
+                                          self.grad_of(layer, P.ATTN_NORM, w[P.ATTN_NORM]), dx=dxa)
             dx += dx2
         return dx

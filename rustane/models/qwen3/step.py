@@ -20,10 +20,11 @@ class Qwen3Step(LlamaStep):
     def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dqn, dkn = super().qk_backward(layer, dq_rope, dk_rope)  # gradients of the normalised q, k
         q_pre, k_pre = self.ks.read("sdpaFwd", layer, "q_pre", "k_pre")
-        w, g = self._layer_params[layer], self._layer_grads[layer]
+        w = self._layer_params[layer]
+        gq, gk = self.grad_of(layer, Q_NORM, w[Q_NORM]), self.grad_of(layer, K_NORM, w[K_NORM])
         with self.rt.timer.phase("cpu"):
-            self._head_norm_backward(("q", layer), dqn, q_pre, w[Q_NORM], g[Q_NORM], self.cfg.n_heads)
-            self._head_norm_backward(("k", layer), dkn, k_pre, w[K_NORM], g[K_NORM], self.cfg.n_kv_heads)
+            self._head_norm_backward(("q", layer), dqn, q_pre, w[Q_NORM], gq, self.cfg.n_heads)
+            self._head_norm_backward(("k", layer), dkn, k_pre, w[K_NORM], gk, self.cfg.n_kv_heads)
         return dqn, dkn
 
     def _head_norm_backward(self, key, dy: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray,
