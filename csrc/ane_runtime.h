@@ -1,6 +1,6 @@
 /* rustane ANE runtime: a plain C API over the private AppleNeuralEngine framework.
  *
- * Call sequence and selector signatures follow ANE_FACTS §1; IOSurfaces are flat byte buffers
+ * Call sequence and selector signatures follow docs/ane-runtime.md#call-sequence; IOSurfaces are flat byte buffers
  * (§2.1). Every failing call fills an ane_error with the NSError code (or ANE_E_* below), a
  * message and the stage that failed, and returns NULL / nonzero — nothing fails silently.
  *

@@ -1,4 +1,4 @@
-/* rustane ANE runtime over the private AppleNeuralEngine framework (ANE_FACTS §1, §2).
+/* rustane ANE runtime over the private AppleNeuralEngine framework (docs/ane-runtime.md#call-sequence, docs/ane-runtime.md#surfaces).
  *
  * Manual retain/release (no ARC): the same file builds with clang on macOS and against GNUstep +
  * GCC libobjc on Linux, where the "framework" is the test fake (tests/fakeane) and the IOSurface
@@ -56,7 +56,7 @@ IOSURFACE_SHIM_KEYS(SHIM_KEY)
 #define kIOSurfacePixelFormat (*shim_kIOSurfacePixelFormat)
 #endif
 
-/* ---- exact prototypes of the selectors we send (ANE_FACTS §1.2) ---------------------------- */
+/* ---- exact prototypes of the selectors we send (docs/ane-runtime.md#call-sequence) ---------------------------- */
 typedef id (*msg_descriptor_fn)(Class, SEL, id mil, id weights, id options_plist);
 typedef id (*msg_class_obj_fn)(Class, SEL, id);
 typedef id (*msg_getter_fn)(id, SEL);
@@ -410,7 +410,7 @@ static int replace_private_file(const char *path, const void *data, size_t n, an
     return 0;
 }
 
-/* Create <tmp>/<hex>/model.mil and one <tmp>/<hex>/weights/<file> per blob (ANE_FACTS §1.2 step 3). */
+/* Create <tmp>/<hex>/model.mil and one <tmp>/<hex>/weights/<file> per blob (docs/ane-runtime.md#call-sequence step 3). */
 static int populate_tmpdir(ane_model *m, const char *mil, size_t mil_len, size_t n_weights,
                            const char *const *names, const void *const *blobs, const size_t *sizes, ane_error *err)
 {
@@ -539,7 +539,7 @@ ane_model *ane_compile(const char *mil, size_t mil_len, size_t n_weights, const 
     @autoreleasepool {
         @try {
             NSData *mil_data = [NSData dataWithBytes:mil length:mil_len];
-            /* An empty dict, never nil: nil weights make compile fail silently (ANE_FACTS §1.2). */
+            /* An empty dict, never nil: nil weights make compile fail silently (docs/ane-runtime.md#call-sequence). */
             NSMutableDictionary *weights = [NSMutableDictionary dictionaryWithCapacity:n_weights];
             for (size_t i = 0; i < n_weights; i++) {
                 NSData *blob = [NSData dataWithBytes:blobs[i] length:blob_sizes[i]];
@@ -677,7 +677,7 @@ ane_surface *ane_surface_create(size_t nbytes, ane_error *err)
     s->nbytes = nbytes;
     @autoreleasepool {
         @try {
-            /* A flat byte buffer (ANE_FACTS §2.1): width = bytes, one row, one byte per element. */
+            /* A flat byte buffer (docs/ane-runtime.md#surfaces): width = bytes, one row, one byte per element. */
             NSNumber *n = [NSNumber numberWithUnsignedLong:(unsigned long)nbytes];
             NSDictionary *props = @{
                 (id)kIOSurfaceWidth: n,

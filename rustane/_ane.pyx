@@ -175,7 +175,7 @@ def compile(bytes mil, weights):
 
 
 cdef class Surface:
-    """An IOSurface used as a flat byte buffer (ANE_FACTS §2.1).
+    """An IOSurface used as a flat byte buffer (docs/ane-runtime.md#surfaces).
 
     ``lock(readonly)`` returns a uint8 numpy view of the whole surface, valid until ``unlock()``.
     """

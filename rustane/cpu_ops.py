@@ -9,7 +9,7 @@ The math (verified against finite differences and PyTorch autograd in tests/test
 
 - RMSNorm: ``r[s] = 1/sqrt(mean_c x[c,s]^2 + eps)``, ``y = x·r·w``.
   Backward ``dx = r·(w·dy − x·r²/C·Σ_c(dy·w·x))``, ``dw += Σ_s dy·x·r``. (The upstream ANE code
-  has ``w·r·(dy − …)``, wrong when w ≠ 1; ANE_FACTS §12.1.)
+  has ``w·r·(dy − …)``, wrong when w ≠ 1; docs/ane-runtime.md#reference-bugs)
 - RoPE: interleaved pairs ``(2i, 2i+1)`` of each head rotate by ``s·theta^(−2i/HD)``; the
   backward is the inverse rotation.
 - Cross-entropy over the full vocabulary on logits ``[V, S]``: mean over positions;

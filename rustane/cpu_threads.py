@@ -6,7 +6,8 @@ numpy on the main thread, so the CPU is the whole machine and two things compete
 dW queue's worker (one core, all step long) and the BLAS inside numpy's matmuls, which starts
 its own threads that spin between calls. On 2 cores that is three busy threads: the
 Stories15M fp32 step measured 345 ms with numpy's BLAS free and 316 ms with it held to one
-thread (the queue keeps its core, the main thread the other).
+thread (the queue keeps its core, the main thread the other); re-measure with
+``python -m rustane.bench train --preset stories15m`` (sim fp32 ms/step).
 
 ``StepThreads`` applies that policy for the duration of a step (``with threads.step():``): the
 BLAS library numpy links is held to ``cores − 1`` threads (never the queue's own library, which

@@ -16,7 +16,7 @@ F16, F32 = np.float16, np.float32
 
 
 def dyn_matmul_text(ic: int, oc: int, s: int) -> str:
-    """The dynamic-weight linear layer of ANE_FACTS §4.1: input [1, IC, 1, S+OC] packs
+    """The dynamic-weight linear layer of docs/ane-runtime.md#dynamic-weights: input [1, IC, 1, S+OC] packs
     activations x [IC, S] then a weight M [IC, OC]; out[o, s] = sum_d x[d, s] * M[d, o]."""
     b = MilBuilder()
     b.input("x", "fp16", (1, ic, 1, s + oc))

@@ -30,7 +30,7 @@ def test_presets_valid_and_param_counts(name):
 
 
 def test_known_param_counts():
-    # published sizes: stories15M 15.19M, stories110M 109.53M (ANE_FACTS §6), SmolLM2 134.5M
+    # published sizes: stories15M 15.19M, stories110M 109.53M (docs/ane-runtime.md#model-sizes), SmolLM2 134.5M
     assert preset("stories15m").n_params == 15_191_712
     assert preset("stories110m").n_params == 109_529_856
     assert preset("smollm2-135m").n_params == 134_515_008

@@ -1,4 +1,4 @@
-"""BLOBFILE weight files: exact byte layout (ANE_FACTS §3.3), round trips, corrupted headers."""
+"""BLOBFILE weight files: exact byte layout (docs/ane-runtime.md#blob-files), round trips, corrupted headers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from rustane.mil import BlobError, blob_key, read_blob, write_blob, write_multi_
 
 
 def reference_blob(values_fp16: np.ndarray) -> bytes:
-    """The layout written out field by field from ANE_FACTS §3.3, independent of rustane.mil.blob."""
+    """The layout written out field by field from docs/ane-runtime.md#blob-files, independent of rustane.mil.blob."""
     data = values_fp16.astype("<f2").tobytes()
     header = bytearray(128)
     header[0] = 0x01
@@ -77,7 +77,7 @@ small_fp16_arrays = hnp.arrays(
 @given(st.lists(small_fp16_arrays, min_size=1, max_size=4))
 def test_multi_chunk_read(arrays):
     blob, offsets = write_multi_blob(arrays)
-    # chunk i at 64 + sum_{j<i}(64 + bytes_j), data 64 bytes after its header (ANE_FACTS §3.3)
+    # chunk i at 64 + sum_{j<i}(64 + bytes_j), data 64 bytes after its header (docs/ane-runtime.md#blob-files)
     expect = [64]
     for a in arrays[:-1]:
         expect.append(expect[-1] + 64 + a.nbytes)

@@ -1,4 +1,4 @@
-"""The ios16 dialect rewrite: same programs, older spelling (ANE_FACTS §3.1)."""
+"""The ios16 dialect rewrite: same programs, older spelling (docs/ane-runtime.md#mil-text)."""
 
 import re
 

@@ -9,11 +9,11 @@ locked around CPU access. The simulator honours the same rules so code written a
 runs unchanged on the ANE.
 
 Buffer layout: a MIL tensor ``[1, C, 1, S]`` is a flat, packed, channel-major byte buffer:
-element (c, s) at index ``c*S + s`` (ANE_FACTS §2.3). ``Buffer.lock()`` yields a numpy view of
+element (c, s) at index ``c*S + s`` (docs/ane-runtime.md#surfaces). ``Buffer.lock()`` yields a numpy view of
 it shaped ``(C, S)`` for rank-4 ``[1, C, 1, S]`` tensors and the full MIL shape otherwise.
 
 Ordering: when a function has several inputs or outputs, the ANE binds surfaces in
-alphabetical order of their MIL names (ANE_FACTS §13). ``Kernel.inputs``/``Kernel.outputs``
+alphabetical order of their MIL names (docs/ane-runtime.md#surfaces). ``Kernel.inputs``/``Kernel.outputs``
 are therefore sorted by name, and requests take buffers in that order.
 """
 
@@ -107,7 +107,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> Kernel:
         """Compile MIL text. ``blobs`` maps ``@model_path/weights/x.bin`` to the whole blob file
-        (128-byte header included, ANE_FACTS §3.3). Compile errors raise with the MIL line/column
+        (128-byte header included, docs/ane-runtime.md#blob-files). Compile errors raise with the MIL line/column
         where known."""
 
 

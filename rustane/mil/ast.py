@@ -1,4 +1,4 @@
-"""The parsed form of a MIL text program (the dialect of ANE_FACTS §3).
+"""The parsed form of a MIL text program (the dialect of docs/ane-runtime.md#mil-text).
 
 Shared by the parser (text -> Program), the checker (Program -> diagnostics), the emitter
 (Program -> text) and the interpreter (Program -> plan). Nodes are plain frozen dataclasses
@@ -83,7 +83,7 @@ class TensorType:
 class BlobRef:
     """``BLOBFILE(path=string("@model_path/weights/w.bin"), offset=uint64(64))``.
 
-    ``offset`` is the byte offset of the chunk header inside the blob file (ANE_FACTS §3.3).
+    ``offset`` is the byte offset of the chunk header inside the blob file (docs/ane-runtime.md#blob-files).
     """
 
     path: str

@@ -1,4 +1,4 @@
-"""BLOBFILE weight files (ANE_FACTS §3.3).
+"""BLOBFILE weight files (docs/ane-runtime.md#blob-files).
 
 Layout, little-endian::
 
@@ -33,7 +33,7 @@ WEIGHTS_PREFIX = "@model_path/weights/"
 
 
 class BlobError(ValueError):
-    """A blob file that does not have the layout of ANE_FACTS §3.3."""
+    """A blob file that does not have the layout of docs/ane-runtime.md#blob-files."""
 
 
 def blob_key(name: str) -> str:
@@ -88,7 +88,7 @@ def write_blob(array, dtype=np.float16) -> bytes:
 def write_multi_blob(arrays) -> tuple[bytes, list[int]]:
     """Several fp16 matrices in one file; returns (bytes, MIL chunk offsets).
 
-    Only for reading tools and tests: M1 rejects multi-chunk files (ANE_FACTS §3.3), so the engine
+    Only for reading tools and tests: M1 rejects multi-chunk files (docs/ane-runtime.md#blob-files), so the engine
     always uses ``write_blob``. Chunk i starts at 64 + sum of earlier (64 + bytes).
     """
     parts = [_file_header(len(arrays))]
@@ -139,7 +139,7 @@ def read_blob(data: bytes, offset: int = SINGLE_CHUNK_OFFSET, dtype=np.float16, 
     if size == 0 and data_off == 0:
         raise BlobError(
             f"chunk at {offset} has zero size and data-offset fields (benchmark-style header); "
-            "fill them in (ANE_FACTS §3.3)"
+            "fill them in (docs/ane-runtime.md#blob-files)"
         )
     if data_off < offset + CHUNK_HEADER_BYTES:
         raise BlobError(

@@ -1,4 +1,5 @@
-"""ANE rule checker: Program -> list of Diagnostics (ANE_FACTS §2, §3, §8, §13, §14).
+"""ANE rule checker: Program -> list of Diagnostics (docs/ane-runtime.md and docs/ane-rules.md;
+each rule names its section).
 
 Each rule has a stable id, a severity and the fact it comes from (``RULES``). Errors are things the
 ANE compiler rejects, that fail at eval, or that silently compute something else; warnings are
@@ -32,7 +33,7 @@ from .errors import ERROR, WARNING, Diagnostic, MilCheckError
 
 TARGETS = ane_rules.CHIPS
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_@]*\Z")
-#: Input channel count at which a conv was seen rejected (ANE_FACTS §8, classifier backward).
+#: Input channel count at which a conv was seen rejected (docs/ane-runtime.md#ops, classifier backward).
 CONV_MAX_IN_CHANNELS = 32000
 #: The minimum surface size (docs/ane-rules.md, min-surface).
 MIN_SURFACE_BYTES = ane_rules.CONSERVATIVE.min_surface_bytes
@@ -49,53 +50,53 @@ class Rule:
 RULES: dict[str, Rule] = {
     r.id: r
     for r in (
-        Rule("sdpa-mask", ERROR, "ANE_FACTS §3.4/§8/§13: ANE ignores SDPA attn_mask",
+        Rule("sdpa-mask", ERROR, "docs/ane-runtime.md#attention: ANE ignores SDPA attn_mask",
              "scaled_dot_product_attention with attn_mask: the mask is silently ignored; decompose attention"),
-        Rule("concat-interleave", ERROR, "ANE_FACTS §3.4: concat needs interleave = bool(false)",
+        Rule("concat-interleave", ERROR, "docs/ane-runtime.md#ops: concat needs interleave = bool(false)",
              "concat without an interleave argument"),
-        Rule("concat-axis", ERROR, "ANE_FACTS §3.4 (PR#40): concat axis must be an int32 scalar",
+        Rule("concat-axis", ERROR, "docs/ane-runtime.md#ops (PR#40): concat axis must be an int32 scalar",
              "concat axis that is not an int32 scalar constant"),
-        Rule("unsupported-op", ERROR, "ANE_FACTS §3.4/§13/§14: op absent from or rejected by ANE MIL text",
+        Rule("unsupported-op", ERROR, "docs/ane-runtime.md#ops: op absent from or rejected by ANE MIL text",
              "ops the ANE compiler rejects (reduce_mean, gelu, silu)"),
-        Rule("unproven-op", WARNING, "ANE_FACTS §3.4: ops used by the shipped kernels",
+        Rule("unproven-op", WARNING, "docs/ane-runtime.md#ops: ops used by the shipped kernels",
              "ops never seen working on the ANE in the sources"),
-        Rule("conv-bias", ERROR, "ANE_FACTS §13/§14 (Orion): ANE compiler rejects conv with bias=",
+        Rule("conv-bias", ERROR, "docs/ane-runtime.md#ops (Orion): ANE compiler rejects conv with bias=",
              "conv with bias; use a separate add"),
-        Rule("conv-weight", ERROR, "ANE_FACTS §3.4: conv weight must be a const (BLOBFILE)",
+        Rule("conv-weight", ERROR, "docs/ane-runtime.md#ops: conv weight must be a const (BLOBFILE)",
              "conv whose weight is a runtime tensor; use matmul for dynamic weights"),
-        Rule("conv-in-channels", ERROR, "ANE_FACTS §8: a conv with 32000 input channels is rejected (classifier backward)",
+        Rule("conv-in-channels", ERROR, "docs/ane-runtime.md#ops: a conv with 32000 input channels is rejected (classifier backward)",
              "conv with >= 32000 input channels; split it or use matmul"),
-        Rule("inline-bool", ERROR, "ANE_FACTS §13/§14 (Orion): matmul transpose_x/transpose_y need named consts",
+        Rule("inline-bool", ERROR, "docs/ane-runtime.md#ops (Orion): matmul transpose_x/transpose_y need named consts",
              "matmul transpose flag given inline"),
-        Rule("cast-target", ERROR, "ANE_FACTS §2.4/§8 (PR#6): M1/M2 cannot compile cast",
+        Rule("cast-target", ERROR, "docs/ane-rules.md#cast-op (PR#6): M1/M2 cannot compile cast",
              "cast on an M1/M2 target; use fp16 I/O"),
-        Rule("target-op", WARNING, "ANE_FACTS §3.4/§8 (PR#6): matmul and SDPA reported failing on M1/M2 (macOS 26)",
+        Rule("target-op", WARNING, "docs/ane-rules.md#matmul-op (PR#6): matmul and SDPA reported failing on M1/M2 (macOS 26)",
              "matmul / SDPA on M1/M2: probe at startup"),
-        Rule("undefined-return", ERROR, "ANE_FACTS §3.1: the return tuple names values of the function",
+        Rule("undefined-return", ERROR, "docs/ane-runtime.md#mil-text: the return tuple names values of the function",
              "return of a name that is not defined"),
-        Rule("dead-return", ERROR, "ANE_FACTS §13 (Orion): dead names in the return tuple fail to compile",
+        Rule("dead-return", ERROR, "docs/ane-runtime.md#mil-text (Orion): dead names in the return tuple fail to compile",
              "return of a parameter or const that no operation computes"),
-        Rule("identifier-charset", ERROR, "ANE_FACTS §14 (MIL.proto): identifiers match [A-Za-z_][A-Za-z0-9_@]*",
+        Rule("identifier-charset", ERROR, "docs/ane-runtime.md#mil-text (MIL.proto): identifiers match [A-Za-z_][A-Za-z0-9_@]*",
              "name outside the MIL.proto identifier charset"),
-        Rule("surface-size", WARNING, "ANE_FACTS §13 (Orion): surfaces below ~49 KB / of non-uniform size fail (0x1d)",
+        Rule("surface-size", WARNING, "docs/ane-rules.md#min-surface (Orion): surfaces below ~49 KB / of non-uniform size fail (0x1d)",
              "I/O tensor below ~49 KB (warning) or I/O tensors of different byte sizes (error)"),
-        Rule("io-dtype", WARNING, "ANE_FACTS §2.4: use fp16 I/O",
+        Rule("io-dtype", WARNING, "docs/ane-runtime.md#fp16-io: use fp16 I/O",
              "function input/output that is not fp16"),
-        Rule("io-order", WARNING, "ANE_FACTS §13 (Orion): multi-input/output surfaces bind in alphabetical name order",
+        Rule("io-order", WARNING, "docs/ane-rules.md#io-order (Orion): multi-input/output surfaces bind in alphabetical name order",
              "inputs or outputs not declared in alphabetical order"),
-        Rule("axis-range", ERROR, "ANE_FACTS §14: axes lie in [-rank, rank); perm is a permutation",
+        Rule("axis-range", ERROR, "docs/ane-runtime.md#ops: axes lie in [-rank, rank); perm is a permutation",
              "axis/axes/perm outside the tensor's rank"),
-        Rule("reshape-size", ERROR, "ANE_FACTS §3.4: reshape keeps the element count",
+        Rule("reshape-size", ERROR, "docs/ane-runtime.md#ops: reshape keeps the element count",
              "reshape whose shape has a different element count"),
-        Rule("rank", WARNING, "ANE_FACTS §2.3/§3.5: proven kernels use rank <= 4 and [1, C, 1, S] I/O",
+        Rule("rank", WARNING, "docs/ane-runtime.md#surfaces, docs/ane-runtime.md#attention: proven kernels use rank <= 4 and [1, C, 1, S] I/O",
              "tensor of rank > 4, or function I/O of rank != 4"),
-        Rule("blob-offset", WARNING, "ANE_FACTS §3.3/§13: one matrix per blob file, offset 64 (M1 rejects multi-chunk)",
+        Rule("blob-offset", WARNING, "docs/ane-runtime.md#blob-files: one matrix per blob file, offset 64 (M1 rejects multi-chunk)",
              "BLOBFILE offset other than 64"),
-        Rule("blob-path", WARNING, "ANE_FACTS §3.3 / design.md: blob keys are @model_path/weights/<name>.bin",
+        Rule("blob-path", WARNING, "docs/ane-runtime.md#blob-files, docs/design.md: blob keys are @model_path/weights/<name>.bin",
              "BLOBFILE path outside @model_path/weights/*.bin"),
-        Rule("name-attr", WARNING, "ANE_FACTS §3.2: statements carry [name = string(\"<name>\")]",
+        Rule("name-attr", WARNING, "docs/ane-runtime.md#mil-text: statements carry [name = string(\"<name>\")]",
              "statement without a name attribute, or whose name attribute differs from its output name"),
-        Rule("main-function", ERROR, "ANE_FACTS §3.1: the ANE compiles function main",
+        Rule("main-function", ERROR, "docs/ane-runtime.md#mil-text: the ANE compiles function main",
              "program without a main function"),
         Rule("dim-limit", WARNING, "docs/ane-rules.md#max-dim: dims cap at 16384 (shipped for every chip)",
              "tensor dimension above the reported hardware cap"),
@@ -106,19 +107,19 @@ RULES: dict[str, Rule] = {
     )
 }
 
-#: Ops the shipped training/benchmark kernels use (ANE_FACTS §3.4).
+#: Ops the shipped training/benchmark kernels use (docs/ane-runtime.md#ops).
 PROVEN_OPS = frozenset({
     "const", "conv", "matmul", "slice_by_size", "reshape", "transpose", "softmax", "add", "sub", "mul",
     "reduce_sum", "pow", "sigmoid", "concat", "cast", "quantize", "dequantize", "constexpr_affine_dequantize",
     "scaled_dot_product_attention",
 })
-#: Ops reported working only in an unmerged PR (PR#40, ANE_FACTS §3.4).
+#: Ops reported working only in an unmerged PR (PR#40, docs/ane-runtime.md#ops).
 REPORTED_OPS = frozenset({"relu", "layer_norm", "linear", "real_div", "slice_by_index"})
 #: Ops the ANE text path rejects or lacks, with the fact and the fix.
 UNSUPPORTED_OPS: dict[str, str] = {
-    "reduce_mean": "absent from raw MIL text (ANE_FACTS §3.4, hollance/neural-engine#44); use reduce_sum then mul by 1/n",
-    "gelu": "rejected by the ANE compiler (ANE_FACTS §13/§14, Orion); decompose it",
-    "silu": "no silu op on the ANE text path (ANE_FACTS §3.4/§14); write mul(x, sigmoid(x))",
+    "reduce_mean": "absent from raw MIL text (docs/ane-runtime.md#ops, hollance/neural-engine#44); use reduce_sum then mul by 1/n",
+    "gelu": "rejected by the ANE compiler (docs/ane-runtime.md#ops, Orion); decompose it",
+    "silu": "no silu op on the ANE text path (docs/ane-runtime.md#ops); write mul(x, sigmoid(x))",
 }
 #: Arguments that name axes, per op family (others are left alone).
 _AXIS_ARGS = ("axis", "axes")
@@ -239,7 +240,7 @@ class _Checker:
             self.add("unproven-op", f"'{op}' ({st.name}) is {why}; verify it on hardware", st.loc)
         if op == "scaled_dot_product_attention" and "attn_mask" in st.args:
             self.add("sdpa-mask", f"'{st.name}': the ANE ignores attn_mask (output equals the unmasked one); "
-                     "build attention from matmul + mask add + softmax (ANE_FACTS §3.5)",
+                     "build attention from matmul + mask add + softmax (docs/ane-runtime.md#attention)",
                      _loc_of(st.args["attn_mask"], st.loc))
         if op in ("matmul", "scaled_dot_product_attention") and self.target in ("m1", "m2"):
             self.add("target-op", f"'{op}' ({st.name}) is reported to fail on {self.target} under macOS 26; "
@@ -326,7 +327,7 @@ class _Checker:
         x_type = self.type_of(st.args.get("x"))
         rank = x_type.rank if (x_type is not None and st.op != "concat") else st.type.rank
         sources: list[tuple[str, Value]] = [(k, st.args[k]) for k in _AXIS_ARGS if k in st.args]
-        # constexpr_* ops carry their arguments as attributes (ANE_FACTS §3.4).
+        # constexpr_* ops carry their arguments as attributes (docs/ane-runtime.md#ops).
         if st.op.startswith("constexpr_") and "axis" in st.attrs:
             sources.append(("axis", st.attrs["axis"]))
         if st.op in ("expand_dims",):

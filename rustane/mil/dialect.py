@@ -1,4 +1,4 @@
-"""Rewrite programs between the two MIL text dialects the ANE accepts (ANE_FACTS §3.1).
+"""Rewrite programs between the two MIL text dialects the ANE accepts (docs/ane-runtime.md#mil-text).
 
 Our templates are written in the ``program(1.3)`` / ``func main<ios18>`` dialect with short scalars
 (``int32(1)``). Some chip/OS pairs (reported for M1/M2 on macOS 26) only compile the older

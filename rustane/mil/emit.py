@@ -1,4 +1,4 @@
-"""Program -> canonical MIL text, in the spacing of coremlc / the proven training kernels (ANE_FACTS §3).
+"""Program -> canonical MIL text, in the spacing of coremlc / the proven training kernels (docs/ane-runtime.md#mil-text).
 
 Layout: ``program(1.3)``, the ``[buildInfo = ...]`` line (always written, possibly empty), ``{``,
 each function indented 4 spaces with its statements at 8, ``    } -> (a, b);`` and ``}``.
@@ -10,7 +10,7 @@ Arguments and attributes keep their source order. Float scalars keep their origi
 shortest text that reads back to the same value. Bare ``true``/``false`` arguments become
 ``bool(true)``/``bool(false)``; tensor values are written nested, one bracket level per dimension.
 In the verbose (program(1.0)) dialect, i.e. when buildInfo was verbose, BLOBFILE fields are written
-verbosely too (``offset = tensor<uint64, []>(64)``, ANE_FACTS §3.1).
+verbosely too (``offset = tensor<uint64, []>(64)``, docs/ane-runtime.md#mil-text).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class Diagnostic:
 
     ``rule`` is the stable rule id (e.g. ``sdpa-mask``), ``severity`` is ``"error"`` (the ANE
     rejects or silently miscomputes the program) or ``"warning"`` (unproven or fragile), ``fact``
-    names the source of the rule in ANE_FACTS.md.
+    names the section of docs/ane-runtime.md or docs/ane-rules.md the rule comes from.
     """
 
     rule: str

@@ -4,7 +4,7 @@ Each builder receives an ``OpCompiler`` for one statement, reads its static argu
 the result dtype and shape (raising ``MilPlanError`` with the statement's location on bad
 arguments) and returns a ``Node`` whose ``make`` builds the run-time steps at bind time.
 
-Semantics follow the coremltools MIL op definitions (ANE_FACTS §14): numpy broadcasting for
+Semantics follow the coremltools MIL op definitions (docs/ane-runtime.md#ops): numpy broadcasting for
 elementwise ops, ``matmul`` with numpy batch broadcasting and 1-D promotion, ``slice_by_size``
 size −1 = to the end, ``slice_by_index`` begin/end/stride with begin/end/squeeze masks,
 ``reshape`` with −1 (inferred) and 0 (copy input dim), ``concat`` with ``interleave``, ``conv``
@@ -1242,7 +1242,7 @@ def _dequantize(c: OpCompiler):
 
 @op("constexpr_affine_dequantize")
 def _constexpr_affine_dequantize(c: OpCompiler):
-    # all arguments live in the attribute list (ANE_FACTS §3.4); folded at compile time
+    # all arguments live in the attribute list (docs/ane-runtime.md#ops); folded at compile time
     qd = c.static("quantized_data", attrs=True)
     if not isinstance(qd, np.ndarray) or qd.dtype not in (np.int8, np.uint8):
         c.fail("quantized_data must be an int8/uint8 tensor")

@@ -1,6 +1,6 @@
 """Strict recursive-descent parser: MIL text -> ``rustane.mil.ast.Program``.
 
-Accepts the dialect of ANE_FACTS §3 (coremlc's ``model.mil`` text): ``program(1.x)``, the buildInfo
+Accepts the dialect of docs/ane-runtime.md#mil-text (coremlc's ``model.mil`` text): ``program(1.x)``, the buildInfo
 dictionary in its short (``dict<string, string>``) and verbose (``dict<tensor<string, []>, ...>``)
 forms, functions with typed parameters and a return tuple, and statements
 ``type name = op(arg = value, ...)[attr = literal, ...];``.

@@ -1,7 +1,7 @@
 /* Test hooks of the fake AppleNeuralEngine framework (libfakeane.so, Linux tests only).
  *
  * The fake implements the four private classes with the selectors and argument types of the real
- * framework (ANE_FACTS §1.2) and the IOSurface C API over malloc (csrc/iosurface_shim.h). It records
+ * framework (docs/ane-runtime.md#call-sequence) and the IOSurface C API over malloc (csrc/iosurface_shim.h). It records
  * every call it receives, checks the rules the real framework is known to punish (usually silently),
  * can be told to fail, and evaluates programs through a callback (the Python simulator).
  */

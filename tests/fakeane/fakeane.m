@@ -2,7 +2,7 @@
  *
  * Built with GNUstep + GCC libobjc, manual retain/release. Nothing here talks to hardware: the
  * point is to see exactly what csrc/ane_runtime.m sends, in which order and with which argument
- * types, and to enforce the rules the real framework breaks on (ANE_FACTS §1, §2, §8).
+ * types, and to enforce the rules the real framework breaks on (docs/ane-runtime.md#call-sequence, docs/ane-runtime.md#surfaces, docs/ane-runtime.md#limits).
  */
 #if !defined(_GNU_SOURCE)
 #define _GNU_SOURCE /* -std=c11 hides lstat on glibc */
@@ -259,7 +259,7 @@ EXPORT IOSurfaceRef IOSurfaceCreate(CFDictionaryRef properties)
     long width = prop(d, kIOSurfaceWidth, &ok), height = prop(d, kIOSurfaceHeight, &ok);
     long bpe = prop(d, kIOSurfaceBytesPerElement, &ok), bpr = prop(d, kIOSurfaceBytesPerRow, &ok);
     long alloc = prop(d, kIOSurfaceAllocSize, &ok), fmt = prop(d, kIOSurfacePixelFormat, &ok);
-    /* ANE_FACTS §2.1: a flat byte buffer, width = bpr = alloc = bytes, height 1, bpe 1, format 0. */
+    /* docs/ane-runtime.md#surfaces: a flat byte buffer, width = bpr = alloc = bytes, height 1, bpe 1, format 0. */
     if (!ok || [d count] != 6 || height != 1 || bpe != 1 || fmt != 0 || width <= 0 || bpr != width ||
         alloc != width) {
         violation("IOSurfaceCreate: not a flat byte buffer (width=%ld height=%ld bpe=%ld bpr=%ld alloc=%ld "

@@ -95,7 +95,7 @@ def unavailable_reason() -> str | None:
 # ---- MIL signature -> tensor specs -------------------------------------------------------------------
 def parse_signature(mil_text: str, function: str = "main"):
     """(program, inputs, outputs): the parsed program and its specs, each sorted by name (the
-    order the ANE binds surfaces in, ANE_FACTS §13)."""
+    order the ANE binds surfaces in, docs/ane-runtime.md#surfaces)."""
     from rustane.mil.parser import parse
 
     program = parse(mil_text)
