@@ -183,7 +183,8 @@ def _conversion_metrics(M) -> list[dict]:
 
     rng = np.random.default_rng(0)
     # 64 Ki elements (256 KiB fp32 + 128 KiB fp16) stay in L2: the SIMD conversion is measured, not
-    # the memory bus, which neighbours share (with 8 MiB arrays the ratio swung 19x-29x run to run)
+    # the memory bus, which neighbours share (with 8 MiB arrays the ratio swung 19x-29x run to run;
+    # python -m rustane.bench --suite ci re-measures it)
     x32 = rng.standard_normal(1 << 16).astype(np.float32)
     x16 = x32.astype(np.float16)
     o16, o32 = np.empty_like(x16), np.empty_like(x32)

@@ -1,8 +1,8 @@
 """Calibration of the step model against published ms/step (docs/cost-model.md, "Calibration").
 
 One anchor is fitted (the ANE efficiency), the others are predictions whose error is stated.
-maderix's figures exclude the optimizer (its timing stops before Adam; ANE_FACTS §9 "Timing
-caveat"), so those anchors are projected without it; maderix's plan runs 10 evals per layer where
+maderix's figures exclude the optimizer (its timing stops before Adam; docs/cost-model.md,
+"Calibration"), so those anchors are projected without it; maderix's plan runs 10 evals per layer where
 ours runs 8 (MHA) or 9 (GQA), on the same FLOPs. The 579M model of ncdrone/rustane is the config
 its fork whiskeypolitik/rustane benchmarks (``bench_sgemm_600m.rs``: dim 1536, hidden 4096,
 12 heads of 128, 20 layers, vocab 8192, seq 256); its 865 ms/step on M4 Max is projected with our
@@ -31,8 +31,8 @@ class Anchor:
 
 ANCHORS = (
     Anchor("maderix Stories110M", "stories110m", "m4", 91.0,
-           "maderix/ANE README, dynamic pipeline (ANE_FACTS §9)", False, 10, fitted=True),
-    Anchor("maderix Qwen3-0.6B", "qwen3-0.6b", "m4", 412.0, "maderix/ANE, dynamic Qwen3-0.6B (ANE_FACTS §9)",
+           "maderix/ANE README, dynamic pipeline", False, 10, fitted=True),
+    Anchor("maderix Qwen3-0.6B", "qwen3-0.6b", "m4", 412.0, "maderix/ANE README, dynamic Qwen3-0.6B",
            False, 10),
     Anchor("ncdrone/rustane 579M", "rustane-579m", "m4-max", 865.0,
            "ncdrone/rustane README (config: whiskeypolitik/rustane bench_sgemm_600m.rs)", True, None),

@@ -21,7 +21,8 @@ class Chip:
 
 
 #: Apple's ANE figures are int8-convention TOPS (docs/cost-model.md): fp16 TFLOPS = TOPS / 2, which
-#: matches the measured M4 (~19 TFLOPS fp16 for "38 TOPS") and M5 Max (19.27 TFLOPS measured).
+#: matches what maderix reports for M4 (~19 TFLOPS fp16 for "38 TOPS") and M5 Max (19.27 TFLOPS);
+#: those are other projects' Macs, quoted with their sources in docs/cost-model.md.
 CHIPS: dict[str, Chip] = {
     "m1": Chip("m1", 5.5, 0.2, 68.25, 1.17,
                ("ANE 11 TOPS (Apple) / 2", "dispatch as M4 (no M1 figure)", "68.25 GB/s (Apple)",
