@@ -68,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", choices=("pad", "pack"), help="fit rows to --seq-len: pad (default) or pack")
     p.add_argument("--truncate", action="store_true", help="cut rows longer than --seq-len (default: refuse)")
     p.add_argument("--valid-fraction", type=float, help="single-file data: share held out (default 0.1)")
-    p.add_argument("--backend", help="auto, ane or sim (default auto)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), help="simulator precision (default fp16)")
+    from rustane import backends  # the registry: the choices are the backends found by name
+
+    p.add_argument("--backend", choices=backends.cli_choices(), help="auto = ANE when available, else the simulator "
+                   "(default auto)")
+    p.add_argument("--precision", choices=backends.precisions(), help="simulator precision (default fp16)")
     p.add_argument("--seed", type=int, help="adapter init and data order (default 0)")
     p.add_argument("--research", action="store_true", help="simulator only: allow shapes that break ANE rules")
     p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
