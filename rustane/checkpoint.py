@@ -186,7 +186,6 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
                 f.flush()
                 os.fsync(f.fileno())
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete dir
-        (tmp / OWNER_FILE).unlink()
         _fsync_path(tmp)
         if target.exists():
             # rename() cannot replace a non-empty directory: move the old one aside first
@@ -197,6 +196,9 @@ def save(path: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, np.ndar
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
+        # the owner file goes only now: a temp folder without one would look like a live save
+        # for a minute (_stale), so a kill just before the rename must still find it there
+        (target / OWNER_FILE).unlink(missing_ok=True)
         _fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"(pass --eval-every 0 to skip validation)")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if not 0 <= args.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 < args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in (0, 1), got {args.val_fraction} (e.g. 0.05: the last 5% "
+                         f"of the tokens)")
     out = Path(args.out or f"runs/{args.preset or (Path(args.model).stem if args.model else 'tiny')}")
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in --out and --overwrite deletes it; pass one of them")

@@ -424,24 +424,31 @@ def test_cli_double_signal_saves_says_how_to_resume_and_resumes_exactly(tmp_path
 _KILL_DURING_SAVE = """
 import os, signal, sys
 from rustane import checkpoint, train
-real = checkpoint._write_safetensors
+real, real_rename = checkpoint._write_safetensors, os.rename
+WHEN = sys.argv.pop(1)
 def write(p, tensors, meta):
     real(p, tensors, meta)
-    if os.path.basename(str(p)) == checkpoint.OPTIM_FILE and "step-00000004" in str(p):
+    if WHEN == "mid-save" and os.path.basename(str(p)) == checkpoint.OPTIM_FILE and "step-00000004" in str(p):
         os.kill(os.getpid(), signal.SIGKILL)  # dies with the temp folder half done
+def rename(a, b):
+    if WHEN == "before-rename" and os.path.basename(str(b)) == "step-00000004":
+        os.kill(os.getpid(), signal.SIGKILL)  # every file written and synced, not yet renamed in
+    real_rename(a, b)
 checkpoint._write_safetensors = write
+checkpoint.os.rename = rename
 sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_sigkill_during_save_then_restart_leaves_no_temp_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("when", ["mid-save", "before-rename"])
+def test_sigkill_during_save_then_restart_leaves_no_temp_and_resumes_exactly(tmp_path, when):
     tok = _token_file(tmp_path / "t.bin")
     common = ["--data", tok, "--steps", 6, "--eval-every", 0, "--seed", 4, "--save-every", 2, "--keep", 0,
               "--backend", "sim", "--sample", 0, "--no-progress"]
     p = _train(*common, "--out", tmp_path / "straight", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-P", "-c", _KILL_DURING_SAVE, *map(str, common), "--out", str(out)],
+    p = subprocess.run([sys.executable, "-P", "-c", _KILL_DURING_SAVE, when, *map(str, common), "--out", str(out)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env(tmp_path))
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert [n for n in _temps(out) if n.startswith(".tmp-step-00000004")], _temps(out)
