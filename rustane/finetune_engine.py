@@ -349,7 +349,9 @@ class FinetuneEngine:
                 if out_dir is not None and save_every and self.step % save_every == 0:
                     self.save_step(out_dir, keep)
                     last_saved = self.step
-                if interrupted:
+                if interrupted:  # Ctrl-C: stop at this step boundary with a checkpoint to resume from
+                    if out_dir is not None and last_saved != self.step:
+                        self.save_step(out_dir, keep)
                     raise KeyboardInterrupt
             if out_dir is not None and last_saved != self.step:
                 self.save_step(out_dir, keep)

@@ -94,13 +94,17 @@ class LoraTrainer:
         if ent is None:
             return None
         a, b, ga, gb = ent
-        u = b.T @ dy
-        u *= self.s
+        # an fp16 overflow (inf in dy) reaches the gradients as inf/NaN, and the loss scaler
+        # skips that update: no warning for it
+        with np.errstate(invalid="ignore", over="ignore"):
+            u = b.T @ dy
+            u *= self.s
         v = a @ x
         v *= self.s
         self.model.dw(gb, dy, v)
         self.model.dw(ga, u, x)
-        return a.T @ u
+        with np.errstate(invalid="ignore", over="ignore"):
+            return a.T @ u
 
     def has(self, layer: int, wname: str) -> bool:
         return (layer, wname) in self._by_weight

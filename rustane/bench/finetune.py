@@ -116,7 +116,7 @@ def real_finetune(src=None, *, steps: int = 30, n_train: int = 96, n_test: int =
             "val_loss_before": val_before, "val_loss_after": val_after,
             "loss_first": res["history"][0].loss, "loss_last": res["history"][-1].loss,
             "loss_token_share": data.loss_token_share(), "train_s": train_s, "load_s": load_s,
-            "s_per_step": train_s / steps, "adapter": str(work / "adapter")}
+            "s_per_step": train_s / steps, "report": res["report"], "adapter": str(work / "adapter")}
 
 
 # ---- throughput -----------------------------------------------------------------------------------
@@ -165,6 +165,19 @@ class TorchPeftSide:
 
     def step(self):
         torch = self.torch
+        # one thread: on a shared machine PyTorch's worker threads spin-wait for each other
+        # (measured under load 7: a 2-row step took 38-45 s with 2 threads, 3.4-4.4 s with 1;
+        # docs/finetune.md, "Throughput"; re-measure with torch.set_num_threads around
+        # `python -m rustane.bench finetune --part throughput`)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._step()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self):
+        torch = self.torch
         n = self.w.sum()
         for i in range(len(self.x)):
             logits = self.model(self.x[i:i + 1]).logits[0]
@@ -211,7 +224,17 @@ def throughput(src, *, seq_len: int, batch: int, repeats: int, rank: int, target
         sides["torch_peft"] = TorchPeftSide(m, rows, lcfg)
         for s in sides.values():  # warm-up (first step compiles, allocates)
             s.step()
-        rounds = M.interleaved({k: s.step for k, s in sides.items()}, repeats, clock="wall")
+        # CPU seconds of the process (all its threads): the work each side does, which a loaded
+        # machine distorts far less than wall time; wall time is kept in the details
+        rounds = M.interleaved({k: s.step for k, s in sides.items()}, repeats, clock="cpu")
+        restage_ms = {}
+        for k in ("sim_fp32", "sim_fp16"):  # the per-update cost of staging W + s·B·A (option 1)
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                sides[k].eng.lora.restage()
+                ts.append(1e3 * (time.perf_counter() - t0))
+            restage_ms[k] = float(np.median(ts))
     finally:
         for s in sides.values():
             s.close()
@@ -224,7 +247,14 @@ def throughput(src, *, seq_len: int, batch: int, repeats: int, rank: int, target
         metrics.append(M.metric(f"finetune.lora.{k}_vs_torch_peft", [r["torch_peft"] / r[k] for r in rounds], "x",
                                 "higher", "ratio", [r["_contended"] for r in rounds], vs="torch_peft",
                                 note=f"goal >= {GOAL_LORA_FP32_VS_TORCH} for fp32" if k == "sim_fp32" else None))
+    for k in ("sim_fp32", "sim_fp16"):
+        metrics.append(M.metric(f"finetune.lora.{k}_vs_torch_peft_wall",
+                                [r["_repeats"]["torch_peft"]["wall_s"] / r["_repeats"][k]["wall_s"] for r in rounds],
+                                "x", "higher", "ratio", [r["_contended"] for r in rounds], vs="torch_peft"))
     ms = {k: sides[k].hist[-1].ms for k in ("sim_fp32", "sim_fp16")}
+    for k, v in restage_ms.items():
+        metrics.append(M.metric(f"finetune.lora.{k}.restage_ms", [v], "ms", "lower", "absolute",
+                                note="W + s·B·A into the forward copies of every adapted weight, per update"))
     return metrics, {"seq_len": seq_len, "batch": batch, "rank": rank, "targets": targets, "tokens_per_step": tokens,
                      "loss_tokens_per_step": float(rows[2].sum()), "phase_ms_last_step": ms}
 

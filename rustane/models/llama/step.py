@@ -195,7 +195,8 @@ class LlamaStep:
         (gate,) = ks.read("ffnFused", layer, "gate")
         extra = dw(layer, P.W2, df, gate)
         if extra is not None:  # the adapter's share of d(gate): the kernel multiplied by W2 only
-            (dgate,) = ks.read("ffnBwdW2t", layer, "dgate")
+            # read into layer 0's arrays: used here and now only (the dW queue never holds them)
+            (dgate,) = ks.read("ffnBwdW2t", 0, "dgate")
             dgate += extra
             ks.stage("ffnBwdW13t", layer, dgate=dgate)
         ks.eval("ffnBwdW13t", layer)
@@ -219,7 +220,7 @@ class LlamaStep:
         ks.copy("sdpaBwd1", 0, (("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
                                 ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")))
         if extra is not None:  # the adapter's share of d(attn)
-            (da,) = ks.read("wotBwd", layer, "da")
+            (da,) = ks.read("wotBwd", 0, "da")
             da += extra
             ks.stage("sdpaBwd1", 0, da=da)
         ks.eval("sdpaBwd1", layer)

@@ -23,8 +23,9 @@ class Qwen3Step(LlamaStep):
         w = self._layer_params[layer]
         gq, gk = self.grad_of(layer, Q_NORM, w[Q_NORM]), self.grad_of(layer, K_NORM, w[K_NORM])
         with self.rt.timer.phase("cpu"):
-            self._head_norm_backward(("q", layer), dqn, q_pre, w[Q_NORM], gq, self.cfg.n_heads)
-            self._head_norm_backward(("k", layer), dkn, k_pre, w[K_NORM], gk, self.cfg.n_kv_heads)
+            # the norm's scratch arrays are used within this call only: one set for all layers
+            self._head_norm_backward(("q",), dqn, q_pre, w[Q_NORM], gq, self.cfg.n_heads)
+            self._head_norm_backward(("k",), dkn, k_pre, w[K_NORM], gk, self.cfg.n_kv_heads)
         return dqn, dkn
 
     def _head_norm_backward(self, key, dy: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray,
