@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from rustane.cli import ArgumentParser
+
 #: every setting and its default (the flags, the config file's keys)
 DEFAULTS = {
     "model": None, "data": None, "fine_tune_type": "lora", "lora_rank": 8, "lora_alpha": None, "lora_scale": None,
@@ -36,7 +38,7 @@ ALIASES = {"iters": "steps", "train_type": "fine_tune_type", "num_layers": "lora
 
 def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
-    p = argparse.ArgumentParser(prog="python -m rustane.finetune", argument_default=S,
+    p = ArgumentParser(prog="python -m rustane.finetune", argument_default=S,
                                 description="Fine-tune a pretrained model (LoRA or full) on JSONL data.")
     p.add_argument("-c", "--config", help="YAML file of settings (flags override it)")
     p.add_argument("--model", help="Hugging Face folder, .gguf file, llama2.c .bin or rustane checkpoint")
