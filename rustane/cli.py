@@ -145,8 +145,20 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         # run() acts on --debug before parsing; declared here so --help lists it
-        self.add_argument("--debug", action="store_true",
-                          help="show Python tracebacks instead of one error line (or set RUSTANE_DEBUG=1)")
+        self._own_debug = self.add_argument(
+            "--debug", action="store_true", help="show Python tracebacks instead of one error line (or set RUSTANE_DEBUG=1)")
+
+    def add_argument(self, *args, **kwargs):
+        own = getattr(self, "_own_debug", None)
+        if own is not None and "--debug" in args:
+            # the tool declares its own --debug (with its own help): it replaces ours
+            self._remove_action(own)
+            self._option_string_actions.pop("--debug", None)
+            for group in self._action_groups:
+                if own in group._group_actions:
+                    group._group_actions.remove(own)
+            self._own_debug = None
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         _error(f"{message} (see {self.prog} --help)", EXIT_ERROR)

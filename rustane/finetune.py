@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from rustane.cli import ArgumentParser
+
 #: every setting and its default (the flags, the config file's keys)
 DEFAULTS = {
     "model": None, "data": None, "fine_tune_type": "lora", "lora_rank": 8, "lora_alpha": None, "lora_scale": None,
@@ -36,7 +38,7 @@ ALIASES = {"iters": "steps", "train_type": "fine_tune_type", "num_layers": "lora
 
 def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
-    p = argparse.ArgumentParser(prog="python -m rustane.finetune", argument_default=S,
+    p = ArgumentParser(prog="python -m rustane.finetune", argument_default=S,
                                 description="Fine-tune a pretrained model (LoRA or full) on JSONL data.")
     p.add_argument("-c", "--config", help="YAML file of settings (flags override it)")
     p.add_argument("--model", help="Hugging Face folder, .gguf file, llama2.c .bin or rustane checkpoint")
@@ -68,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", choices=("pad", "pack"), help="fit rows to --seq-len: pad (default) or pack")
     p.add_argument("--truncate", action="store_true", help="cut rows longer than --seq-len (default: refuse)")
     p.add_argument("--valid-fraction", type=float, help="single-file data: share held out (default 0.1)")
-    p.add_argument("--backend", help="auto, ane or sim (default auto)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), help="simulator precision (default fp16)")
+    from rustane import backends  # the registry: the choices are the backends found by name
+
+    p.add_argument("--backend", choices=backends.cli_choices(), help="auto = ANE when available, else the simulator "
+                   "(default auto)")
+    p.add_argument("--precision", choices=backends.precisions(), help="simulator precision (default fp16)")
     p.add_argument("--seed", type=int, help="adapter init and data order (default 0)")
     p.add_argument("--research", action="store_true", help="simulator only: allow shapes that break ANE rules")
     p.add_argument("--keep", type=int, help="checkpoints kept (default 3)")

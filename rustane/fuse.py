@@ -4,9 +4,10 @@ base model (``W + s·B·A``, fp32) and write a Hugging Face folder that ``transf
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from rustane.cli import ArgumentParser
 
 
 def merged_model(src, adapter_path):
@@ -24,7 +25,7 @@ def merged_model(src, adapter_path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rustane.fuse", description="Merge LoRA adapters into a model.")
+    p = ArgumentParser(prog="python -m rustane.fuse", description="Merge LoRA adapters into a model.")
     p.add_argument("--model", required=True, help="the base model the adapters were trained on")
     p.add_argument("--adapter-path", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--out", required=True, help="output folder (Hugging Face layout)")

@@ -191,7 +191,7 @@ def test_cli_run_maps_outcomes_to_exit_codes(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["rustane.train", "rustane.generate", "rustane.evaluate", "rustane.probe",
-                                    "rustane.bench"])
+                                    "rustane.bench", "rustane.finetune", "rustane.fuse", "rustane.doctor"])
 def test_help_lists_each_default_once_and_debug(module, tmp_path):
     p = _cli(module, "--help", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -266,6 +266,8 @@ def test_other_tools_report_bad_input_as_one_line(tmp_path):
     assert_one_error_line(_cli("rustane.bench", "train", "--steps", "0", cwd=tmp_path), "--steps must be >= 1")
     assert_one_error_line(_cli("rustane.bench", cwd=tmp_path), "subcommand")
     assert_one_error_line(_cli("rustane.probe", "--bogus", cwd=tmp_path), "--bogus")
+    assert_one_error_line(_cli("rustane.finetune", "--bogus", cwd=tmp_path), "--bogus")
+    assert_one_error_line(_cli("rustane.fuse", cwd=tmp_path), "--model", "--adapter-path")
 
 
 # ---- interrupts: finish the step, save, a second signal does not abandon the save -----------

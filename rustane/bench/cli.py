@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", choices=SUITES, default=None,
                    help="run a fixed set of benchmarks (ci: the quick set the CI gate uses, <= 3 min on 2 cores; smoke: the same at the tiny preset, for tests)")
     p.add_argument("--out", default=None, help="with --suite: write the result JSON here (default: stdout)")
+    p.add_argument("--backend", choices=("sim", "ane", "auto"), default="sim",
+                   help="with --suite: ane adds the engine on the Neural Engine (macOS); auto = ane where it runs")
     sub = p.add_subparsers(dest="what", metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
         mod = _module(name)
@@ -48,10 +50,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_suite-child"] and len(argv) == 2 and argv[1] in SUITES:
+    if argv[:1] == ["_suite-child"] and len(argv) == 3 and argv[1] in SUITES:
         # internal: the pinned measuring process of run_suite (rustane/bench/suite.py)
         from rustane.bench import suite
-        return suite.child_main(argv[1])
+        return suite.child_main(argv[1], argv[2])
     p = parser()
     args = p.parse_args(argv)
     try:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.what is not None:
                 p.error("--suite runs its own set; give either --suite or a subcommand")
             from rustane.bench import suite
-            return suite.run_suite(args.suite, args.out, args.debug)
+            return suite.run_suite(args.suite, args.out, args.debug or debug_enabled(), args.backend)
         if args.what is None:
             p.error("give a subcommand or --suite ci")
         return _module(args.what).run(args)

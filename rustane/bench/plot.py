@@ -27,7 +27,8 @@ def phase_splits(doc: dict) -> dict[str, dict[str, float]]:
     sources = [doc, details] + [v for v in details.values() if isinstance(v, dict)]
     for src in sources:
         for key, val in src.items():
-            if isinstance(val, dict) and isinstance(val.get("ms"), dict) and "ms_per_step" in val:
+            if (isinstance(val, dict) and isinstance(val.get("ms"), dict) and "ms_per_step" in val
+                    and key != "null"):  # the null backend's ~1 ms steps only measure orchestration
                 label = f"{src.get('preset', doc.get('preset', ''))} {key}".strip()
                 out[label] = {p: float(v) for p, v in val["ms"].items()}
     return out
@@ -72,6 +73,7 @@ def draw(docs: list[tuple[str, dict]], output: str | Path) -> Path:
         ax2.bar(xs, [r[n][0] for n in names if n in r], width, yerr=[r[n][1] for n in names if n in r],
                 label=fname, capsize=3)
     ax2.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax2.set_yscale("log")  # ratios of different metrics span 1x..100x
     ax2.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right", fontsize=7)
     ax2.set_title("ratio metrics (median, ± spread)")
     if len(docs) > 1:
@@ -83,8 +85,16 @@ def draw(docs: list[tuple[str, dict]], output: str | Path) -> Path:
     return out
 
 
+def _labels(paths: list[str]) -> list[str]:
+    """File names, or parent/name where names repeat (several runs' ci.json)."""
+    names = [Path(p).name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{Path(p).parent.name}/{Path(p).name}" for p in paths]
+
+
 def run(args) -> int:
-    docs = [(Path(p).name, load(p)) for p in args.results]
+    docs = [(label, load(p)) for label, p in zip(_labels(args.results), args.results)]
     out = draw(docs, args.output)
     print(f"wrote {out}")
     return 0

@@ -50,11 +50,21 @@ def _pin_one_cpu() -> int | None:
         return None  # macOS: no affinity API; the CPU clock still measures our own work
 
 
-def run_suite(name: str, out: str | None, debug: bool = False) -> int:
+def resolve_backend(backend: str) -> str:
+    """``auto``: the ANE where it runs, else the simulator (the machine class follows)."""
+    if backend != "auto":
+        return backend
+    from rustane.backends import available
+
+    return "ane" if available().get("ane") == "" else "sim"
+
+
+def run_suite(name: str, out: str | None, debug: bool = False, backend: str = "sim") -> int:
     """Parent: run the suite's child with one-thread pools, add the wall time, write the JSON."""
+    backend = resolve_backend(backend)
     env = {**os.environ, **_ONE_THREAD, **_KEEP_HEAP, "RUSTANE_BENCH_DEBUG": "1" if debug else ""}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rustane.bench", "_suite-child", name],
+    proc = subprocess.run([sys.executable, "-m", "rustane.bench", "_suite-child", name, backend],
                           env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         print(f"error: the {name} suite's benchmark process failed (exit {proc.returncode}); "
@@ -90,9 +100,9 @@ def _sgemm_yardstick():
     return run, 15 * 2 * 384 * 384 * 640
 
 
-def child_main(name: str) -> int:
+def child_main(name: str, backend: str = "sim") -> int:
     try:
-        return _child(name)
+        return _child(name, backend)
     except Exception as exc:
         if os.environ.get("RUSTANE_BENCH_DEBUG"):
             raise
@@ -100,7 +110,7 @@ def child_main(name: str) -> int:
         return 1
 
 
-def _child(name: str) -> int:
+def _child(name: str, backend: str) -> int:
     cpu = _pin_one_cpu()
     import numpy as np
 
@@ -148,6 +158,9 @@ def _child(name: str) -> int:
     mets.append(M.metric("ci.sgemm.gflops_1thread", [sgemm_flops / r["sgemm"] / 1e9 for r in rounds], "GFLOP/s",
                          "higher", "absolute", cont))
     mets += _conversion_metrics(M)
+    ane = _ane_metrics(M, cfg, batch, spec, tag) if backend == "ane" else None
+    if ane is not None:
+        mets += ane[0]
     null = null_orchestration(cfg, 1, spec["null_steps"], 1)
     mets.append(M.metric(f"ci.null.{spec['preset']}.us_per_eval", [null["us_per_eval_orchestration"]], "us",
                          "lower", "absolute", note="best median of 3 on the null backend"))
@@ -155,7 +168,9 @@ def _child(name: str) -> int:
                "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds],
                "round_records": [r["_repeats"] for r in rounds], "numpy": np.__version__,
                "torch": torch.__version__}
-    doc = M.document("suite", mets, details, backend="sim", suite=name)
+    if ane is not None:
+        details["ane"] = ane[1]
+    doc = M.document("suite", mets, details, backend=backend, suite=name)
     sys.stdout.write(json.dumps(doc))
     return 0
 
@@ -167,10 +182,13 @@ def _conversion_metrics(M) -> list[dict]:
     from rustane import native
 
     rng = np.random.default_rng(0)
-    x32 = rng.standard_normal(1 << 21).astype(np.float32)
+    # 64 Ki elements (256 KiB fp32 + 128 KiB fp16) stay in L2: the SIMD conversion is measured, not
+    # the memory bus, which neighbours share (with 8 MiB arrays the ratio swung 19x-29x run to run;
+    # python -m rustane.bench --suite ci re-measures it)
+    x32 = rng.standard_normal(1 << 16).astype(np.float32)
     x16 = x32.astype(np.float16)
     o16, o32 = np.empty_like(x16), np.empty_like(x32)
-    reps = 8
+    reps = 200
     fns = {"ours_f32_to_f16": lambda: [native.f32_to_f16(x32, out=o16) for _ in range(reps)],
            "numpy_f32_to_f16": lambda: [np.copyto(o16, x32, casting="unsafe") for _ in range(reps)],
            "ours_f16_to_f32": lambda: [native.f16_to_f32(x16, out=o32) for _ in range(reps)],
@@ -181,3 +199,29 @@ def _conversion_metrics(M) -> list[dict]:
     return [M.ratio_metric(f"ci.native.{d}_vs_numpy", rounds, f"numpy_{d}", f"ours_{d}", "x", "higher",
                            vs="numpy copyto (same arrays)", note="conversion speed, ours / numpy, per round")
             for d in ("f32_to_f16", "f16_to_f32")]
+
+
+def _ane_metrics(M, cfg, batch, spec, tag) -> tuple[list[dict], dict]:
+    """On a Mac with a working ANE: the engine on the ANE against the fp16 simulator step, both
+    in wall seconds (ANE work is not CPU time), interleaved. The simulator side is the CPU
+    yardstick: the ratio says how much the Neural Engine buys over computing the same kernels."""
+    from rustane.bench.train import EngineSide
+
+    sides = {}
+    try:
+        sides["ane_fp16"] = EngineSide(cfg, "ane", "fp16", batch, 64)
+        sides["sim_fp16"] = EngineSide(cfg, "sim", "fp16", batch, 64)
+        for _ in range(spec["warmup"]):
+            for s in sides.values():
+                s.step()
+        rounds = M.interleaved({k: s.step for k, s in sides.items()}, spec["rounds"], clock="wall",
+                               retries=spec["retries"])
+        summary = {k: s.summary(spec["warmup"]) for k, s in sides.items()}
+    finally:
+        for s in sides.values():
+            s.close()
+    mets = [M.ratio_metric(f"{tag}.ane_fp16_vs_sim_fp16", rounds, "sim_fp16", "ane_fp16", "x", "higher",
+                           vs="sim_fp16 (wall)", note="step speed, ANE / fp16 simulator, wall seconds per round"),
+            M.metric(f"{tag}.ane_fp16.ms_per_step", [1e3 * r["ane_fp16"] for r in rounds], "ms", "lower",
+                     "absolute", [r["_contended"] for r in rounds])]
+    return mets, {"sides": summary, "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds]}
