@@ -56,7 +56,9 @@ int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float 
     return 0;
 }
 
-int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta, int inverse)
+/* inv_freq [hd/2] comes from the caller (rustane.formats.arch.inv_freq) so rope scaling
+ * (llama3, linear) is defined once, in Python, for the kernels' tables and this backward alike. */
+int rn_rope(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse)
 {
     const int half = hd / 2;
     /* cos/sin table [half, S], shared by all heads. Angles in double: pos*freq loses
@@ -65,7 +67,7 @@ int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta
     if (!cs) return -1;
     float *sn = cs + (size_t)half * S;
     for (int i = 0; i < half; i++) {
-        const double freq = pow(theta, -2.0 * i / (double)hd);
+        const double freq = inv_freq[i];
         for (int s = 0; s < S; s++) {
             const double a = (double)s * freq;
             cs[(size_t)i * S + s] = (float)cos(a);

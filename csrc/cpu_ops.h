@@ -29,11 +29,12 @@ int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float 
                    float *dx, float *dw, int C, int S);
 
 /* Rotary embedding on `[n_heads*hd, S]`, interleaved pairs (llama2.c convention): rows
- * (h*hd + 2i, h*hd + 2i + 1) rotate by angle s * theta^(-2i/hd) at position s = 0..S-1.
+ * (h*hd + 2i, h*hd + 2i + 1) rotate by angle s * inv_freq[i] at position s = 0..S-1
+ * (inv_freq [hd/2]: theta^(-2i/hd), rope scaling applied by the caller).
  * `inverse` != 0 rotates by the negative angle, which is the backward (the rotation is
  * orthogonal, so its vector-Jacobian product is the inverse rotation).
  * `out` may alias `x`. hd must be even. Returns -1 on allocation failure. */
-int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta, int inverse);
+int rn_rope(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse);
 
 /* Fused softmax cross-entropy over the full vocabulary, logits channel-first `[V, S]`.
  * Returns the mean over positions of -log softmax(logits[:, s])[targets[s]] and writes

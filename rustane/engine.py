@@ -250,9 +250,9 @@ class Engine:
         (default: the model's context, at most 256); RoPE positions are absolute, so any
         ``seq_len`` up to the model's context computes what the model was trained to.
 
-        Trains every family in ``rustane.models`` (Llama, SmolLM2, Qwen3); what the kernels
-        cannot compute yet (llama3 rope scaling) is refused with the way out: generate and
-        evaluate run every imported model on the CPU."""
+        Trains every family in ``rustane.models`` (Llama with plain, llama3 or linear RoPE,
+        SmolLM2, Qwen3); what the kernels cannot compute is refused with the way out: generate
+        and evaluate run every imported model on the CPU."""
         from rustane.formats import describe_source, load_model, resolve_source
 
         m = load_model(resolve_source(src), tokenizer=tokenizer)

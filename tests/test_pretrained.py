@@ -70,12 +70,18 @@ def test_from_pretrained_qwen3_kernels_match_transformers(tmp_path):
     eng.close()
 
 
-def test_from_pretrained_refuses_what_kernels_cannot_train(tmp_path):
-    random_hf_llama(tmp_path / "l3", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                   "high_freq_factor": 4.0,
-                                                   "original_max_position_embeddings": 64})
-    with pytest.raises(ValueError, match="rope scaling.*llama3.*rustane.generate"):
-        Engine.from_pretrained(tmp_path / "l3", backend="sim")
+def test_from_pretrained_trains_llama3_rope_scaling(tmp_path):
+    """Llama-3.2-style rope scaling is no longer refused: the kernels compute it (fp32 simulator);
+    gradients against PyTorch autograd are in tests/test_rope_scaling.py."""
+    model, _ = random_hf_llama(tmp_path / "l3", rope_theta=500000.0,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    eng = Engine.from_pretrained(tmp_path / "l3", backend="sim", precision="fp32", seq_len=48, ane_rules=False)
+    assert eng.config.rope_scaling_dict["rope_type"] == "llama3"
+    ids = list(np.random.default_rng(1).integers(0, 300, 48))
+    ref = _hf_logits(model, ids)
+    assert np.max(np.abs(eng.forward(ids) - ref)) / np.max(np.abs(ref)) < 1e-4
+    eng.close()
 
 
 def test_api_checkpoints_carry_the_tokenizer(tiny_gguf, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from rustane.errors import RustaneError
 
-__all__ = ["FormatError", "ArchSpec", "Imported", "FAMILIES", "rope_inv_freq"]
+__all__ = ["FormatError", "ArchSpec", "Imported", "FAMILIES", "rope_inv_freq", "inv_freq", "rope_from_hf"]
 
 FAMILIES = ("llama", "qwen3")
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -81,7 +81,7 @@ class ArchSpec:
         if missing:
             raise FormatError(f"{where}: missing required field(s) {missing}")
         n_heads = int(d["num_attention_heads"])
-        rope = _rope_from_hf(d, where)
+        rope = rope_from_hf(d, where)
         spec = cls(
             model_type=mt, dim=int(d["hidden_size"]), hidden_dim=int(d["intermediate_size"]),
             n_layers=int(d["num_hidden_layers"]), n_heads=n_heads,
@@ -173,7 +173,7 @@ class ArchSpec:
                               f"(an architecture feature rustane does not implement)")
 
 
-def _rope_from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+def rope_from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``{"rope_theta": ..., [rope_type + its parameters]}`` from either transformers spelling."""
     rp = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = rp.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
@@ -194,15 +194,24 @@ def _rope_from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def rope_inv_freq(spec: ArchSpec) -> np.ndarray:
+    """RoPE angular frequency per rotated pair ``[head_dim/2]`` (float64) of ``spec``."""
+    return inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+
+
+def inv_freq(head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] | None = None) -> np.ndarray:
     """RoPE angular frequency per rotated pair ``[head_dim/2]`` (float64), scaling applied.
+
+    The one definition of the RoPE frequencies: the CPU decoder, the training kernels' cos/sin
+    tables and the CPU RoPE backward all take them from here. ``rope_scaling`` is the
+    ``rope_from_hf`` form without ``rope_theta`` (None or {} for plain RoPE).
 
     llama3 scaling (Llama 3.1/3.2): wavelengths longer than ``original_max / low_freq_factor``
     are slowed by ``factor``, those shorter than ``original_max / high_freq_factor`` kept, and
     the band between blended linearly in ``original_max / wavelength``.
     """
-    hd = spec.head_dim
-    inv = 1.0 / spec.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
-    rs = spec.rope_scaling or {}
+    hd = head_dim
+    inv = rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    rs = rope_scaling or {}
     if rs.get("rope_type") == "linear":
         return inv / rs["factor"]
     if rs.get("rope_type") == "llama3":

@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
+from rustane.formats.arch import FormatError, inv_freq, rope_from_hf
 from rustane.models.errors import ConfigError
 
 __all__ = ["ModelConfig", "ConfigError", "PRESETS", "preset", "preset_names", "HeadDims", "dimension_errors"]
@@ -105,8 +106,17 @@ class ModelConfig(HeadDims):
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     residual_scaling: bool = False
+    #: RoPE frequency scaling as sorted ``(key, value)`` pairs (hashable), in the form
+    #: ``rustane.formats.arch.rope_from_hf`` reads (rope_type llama3 or linear + its parameters),
+    #: or None for plain RoPE. A dict given here is converted; None is left out of ``to_dict`` so
+    #: every config without scaling keeps its hash and checkpoints.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, Mapping):
+            self.rope_scaling = tuple(sorted(self.rope_scaling.items()))
+        elif isinstance(self.rope_scaling, list):
+            self.rope_scaling = tuple(tuple(kv) for kv in self.rope_scaling)
         if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) \
                 and self.n_heads > 0:
             self.head_dim = self.dim // self.n_heads
@@ -127,11 +137,29 @@ class ModelConfig(HeadDims):
         for name in ("tie_embeddings", "residual_scaling"):
             if not isinstance(getattr(self, name), bool):
                 errs.append(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.rope_scaling is not None:
+            try:
+                if dict(rope_from_hf({"rope_scaling": self.rope_scaling_dict}, "rope_scaling")) \
+                        != {"rope_theta": 10000.0, **self.rope_scaling_dict}:
+                    raise FormatError(f"rope_scaling: {self.rope_scaling_dict!r} has unknown keys "
+                                      "(llama3: factor, low_freq_factor, high_freq_factor, "
+                                      "original_max_position_embeddings; linear: factor)")
+            except (FormatError, KeyError, TypeError, ValueError) as exc:
+                errs.append(f"rope_scaling: {exc}")
         if errs:
             raise ConfigError("invalid model config:\n  " + "\n  ".join(errs))
         return self
 
     # ---- derived ----
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @property
+    def inv_freq(self) -> "np.ndarray":
+        """RoPE frequency per rotated pair ``[head_dim/2]`` float64, scaling applied."""
+        return inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)
+
     @property
     def residual_alpha(self) -> float:
         return 1.0 / math.sqrt(2 * self.n_layers) if self.residual_scaling else 1.0
@@ -148,7 +176,11 @@ class ModelConfig(HeadDims):
 
     # ---- dict / hash ----
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = self.rope_scaling_dict
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]  # plain RoPE: the dict (and config_hash) predating rope_scaling
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -170,7 +202,7 @@ class ModelConfig(HeadDims):
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with fields changed (head_dim re-derived unless given)."""
-        d = self.to_dict()
+        d = {"rope_scaling": None, **self.to_dict()}
         if ("dim" in changes or "n_heads" in changes) and "head_dim" not in changes \
                 and d["head_dim"] == d["dim"] // d["n_heads"]:
             d["head_dim"] = None
@@ -206,7 +238,9 @@ class ModelConfig(HeadDims):
             "max_position_embeddings": self.seq_len,
             # transformers < 5 reads rope_theta; 5.x reads rope_parameters (and maps rope_theta).
             "rope_theta": float(self.rope_theta),
-            "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta)},
+            "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta),
+                                **(self.rope_scaling_dict or {})},
+            **({"rope_scaling": self.rope_scaling_dict} if self.rope_scaling is not None else {}),
             "rms_norm_eps": float(self.norm_eps),
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
@@ -227,10 +261,13 @@ class ModelConfig(HeadDims):
         for flag in ("attention_bias", "mlp_bias"):
             if d.get(flag):
                 raise ConfigError(f"config.json: {flag}=true unsupported (rustane has no biases)")
-        rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"config.json: rope scaling {rp!r} unsupported (default RoPE only)")
-        theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+        try:
+            rope = rope_from_hf(d, "config.json")
+        except FormatError as exc:
+            raise ConfigError(str(exc)) from None
+        except KeyError as exc:
+            raise ConfigError(f"config.json: rope scaling is missing {exc}") from None
+        theta = rope.pop("rope_theta")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "vocab_size") if k not in d]
         if missing:
@@ -250,6 +287,7 @@ class ModelConfig(HeadDims):
             norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(d.get("tie_word_embeddings", True)),
             residual_scaling=bool(extra.get("residual_scaling", False)),
+            rope_scaling=rope or None,
         ).validate()
 
 

@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from rustane.formats.arch import inv_freq as arch_inv_freq
 from rustane.mil.blob import blob_key, write_blob
 from rustane.models.llama import params as P
 from rustane.models.llama.config import ConfigError, HeadDims, ModelConfig, dimension_errors
@@ -50,6 +51,8 @@ class KernelShape(HeadDims):
     head_dim: int
     seq_len: int
     rope_theta: float = 10000.0
+    #: ``ModelConfig.rope_scaling`` (sorted pairs, hashable); None is plain RoPE
+    rope_scaling: tuple | None = None
     residual_alpha: float = 1.0
     #: compute/I-O dtype of the rendered programs: 'fp16' is what the ANE runs (and the simulator's
     #: fp16 mode); 'fp32' renders the same programs in fp32 — consts and RoPE tables included — so
@@ -68,7 +71,7 @@ class KernelShape(HeadDims):
     def of(cls, cfg: ModelConfig, dtype: str = "fp16") -> "KernelShape":
         return cls(dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                    head_dim=cfg.head_dim, seq_len=cfg.seq_len, rope_theta=float(cfg.rope_theta),
-                   residual_alpha=cfg.residual_alpha, dtype=dtype)
+                   rope_scaling=cfg.rope_scaling, residual_alpha=cfg.residual_alpha, dtype=dtype)
 
 
 def attention_scale(head_dim: int, dtype: str = "fp16") -> float:
@@ -76,12 +79,14 @@ def attention_scale(head_dim: int, dtype: str = "fp16") -> float:
     return float(np.dtype(np.float16 if dtype == "fp16" else np.float32).type(1.0 / math.sqrt(head_dim)))
 
 
-def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(seq: int, head_dim: int, theta: float,
+                scaling: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin ``[seq, head_dim]`` float64; pair i's value at columns 2i and 2i+1.
 
-    Angle of pair i at position p: ``p · theta^(−2i/head_dim)`` (interleaved pairs, llama2.c).
+    Angle of pair i at position p: ``p · theta^(−2i/head_dim)`` (interleaved pairs, llama2.c),
+    the frequency scaled per ``scaling`` (llama3 / linear, ``rustane.formats.arch.inv_freq``).
     """
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = arch_inv_freq(head_dim, theta, dict(scaling) if scaling else None)
     ang = np.arange(seq, dtype=np.float64)[:, None] * inv_freq[None, :]  # [S, HD/2]
     ang = np.repeat(ang, 2, axis=1)  # [S, HD]
     return np.cos(ang), np.sin(ang)
@@ -95,7 +100,7 @@ def causal_mask(seq: int) -> np.ndarray:
 
 
 def _blob_files(shape: KernelShape) -> dict[str, bytes]:
-    cos, sin = rope_tables(shape.seq_len, shape.head_dim, shape.rope_theta)
+    cos, sin = rope_tables(shape.seq_len, shape.head_dim, shape.rope_theta, shape.rope_scaling)
     s, hd = shape.seq_len, shape.head_dim
     dt = np.float16 if shape.dtype == "fp16" else np.float32
     return {
