@@ -1291,6 +1291,53 @@ def test_every_preset_runs_through_the_fake_on_every_profile_its_rules_allow(fak
         fake_profiles.uninstall()
 
 
+def _family_sources(tmp_path):
+    """Every family as a user imports it, at the tiny preset's ANE-legal shape (dim 128, seq 192):
+    a SmolLM2-style Llama (GQA, tied embeddings) from a GGUF file, and a Qwen3 (q/k-norm,
+    head_dim * n_heads = 256 != dim 128) from a transformers folder."""
+    import torch
+    from model_files import random_hf_llama, write_gguf
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    _, tensors = random_hf_llama(tmp_path / "hf", vocab=512, dim=128, hidden=256, heads=4, kv_heads=2, tie=True,
+                                 max_position_embeddings=512)
+    write_gguf(tmp_path / "llama.gguf", tensors, heads=4, kv_heads=2, context=512)
+    torch.manual_seed(0)
+    q = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=1e6,
+                                     tie_word_embeddings=True, max_position_embeddings=512)).float()
+    with torch.no_grad():  # q/k-norm weights away from 1, so a dropped norm shows
+        for prm in q.parameters():
+            if prm.ndim == 1:
+                prm.add_(0.3 * torch.randn(prm.shape))
+    q.save_pretrained(tmp_path / "qwen3")
+    return {"llama-gguf": tmp_path / "llama.gguf", "qwen3-hf": tmp_path / "qwen3"}
+
+
+@fake_only
+@pytest.mark.filterwarnings("ignore:.*ANE compiles in this process:RuntimeWarning")
+def test_every_imported_family_trains_through_the_fake_bit_identically(fake, tmp_path, monkeypatch):
+    """Issue 11's "every family through the fake ANE": each family imported with
+    Engine.from_pretrained (the ANE rule guard on, as a user gets it) trains one step through the
+    fake framework with the loss and every weight bit-identical to the fp16 simulator, which the
+    fake's evaluator is not told about (it runs the MIL text it was handed)."""
+    from rustane.engine import Engine
+
+    monkeypatch.setenv("RUSTANE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FAKEANE_CORRUPT", raising=False)
+    tokens = np.random.default_rng(7).integers(0, 512, 193)
+    for fam, src in _family_sources(tmp_path).items():
+        want_loss, want = _one_step(Engine.from_pretrained(src, backend="sim", precision="fp16", seq_len=192),
+                                    tokens)
+        eng = Engine.from_pretrained(src, backend="ane", seq_len=192)
+        assert type(eng.model.backend).__name__ == "AneBackend", fam
+        loss, got = _one_step(eng, tokens)
+        assert np.isfinite(loss) and loss == want_loss, fam
+        assert set(got) == set(want), fam
+        for key in want:
+            assert got[key].tobytes() == want[key].tobytes(), (fam, key)
+
+
 @fake_only
 def test_compile_budget_warning(fake, backend):
     """Past ANE_COMPILE_WARN_AT compiles per process every compile warns and names the budget.
