@@ -210,7 +210,7 @@ def inv_freq(head_dim: int, rope_theta: float, rope_scaling: Mapping[str, Any] |
     the band between blended linearly in ``original_max / wavelength``.
     """
     hd = head_dim
-    inv = rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    inv = 1.0 / rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     rs = rope_scaling or {}
     if rs.get("rope_type") == "linear":
         return inv / rs["factor"]
