@@ -56,9 +56,20 @@ int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float 
     return 0;
 }
 
+int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta, int inverse)
+{
+    const int half = hd / 2;
+    double *f = malloc((half > 0 ? (size_t)half : 1) * sizeof(double));
+    if (!f) return -1;
+    for (int i = 0; i < half; i++) f[i] = pow(theta, -2.0 * i / (double)hd);
+    const int rc = rn_rope_freq(x, out, n_heads, hd, S, f, inverse);
+    free(f);
+    return rc;
+}
+
 /* inv_freq [hd/2] comes from the caller (rustane.formats.arch.inv_freq) so rope scaling
  * (llama3, linear) is defined once, in Python, for the kernels' tables and this backward alike. */
-int rn_rope(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse)
+int rn_rope_freq(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse)
 {
     const int half = hd / 2;
     /* cos/sin table [half, S], shared by all heads. Angles in double: pos*freq loses

@@ -34,7 +34,9 @@ int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float 
  * `inverse` != 0 rotates by the negative angle, which is the backward (the rotation is
  * orthogonal, so its vector-Jacobian product is the inverse rotation).
  * `out` may alias `x`. hd must be even. Returns -1 on allocation failure. */
-int rn_rope(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse);
+int rn_rope_freq(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq, int inverse);
+/* rn_rope_freq with the plain frequencies theta^(-2i/hd). */
+int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta, int inverse);
 
 /* Fused softmax cross-entropy over the full vocabulary, logits channel-first `[V, S]`.
  * Returns the mean over positions of -log softmax(logits[:, s])[targets[s]] and writes

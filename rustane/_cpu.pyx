@@ -17,8 +17,10 @@ cdef extern from "cpu_ops.h":
                         int C, int S, float eps) nogil
     int rn_rmsnorm_bwd(const float *dy, const float *x, const float *w, const float *rrms,
                        float *dx, float *dw, int C, int S) nogil
-    int rn_rope(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq,
+    int rn_rope(const float *x, float *out, int n_heads, int hd, int S, double theta,
                 int inverse) nogil
+    int rn_rope_freq(const float *x, float *out, int n_heads, int hd, int S, const double *inv_freq,
+                     int inverse) nogil
     double rn_cross_entropy(const float *logits, const int32_t *targets, float *dlogits,
                             int V, int S, float grad_scale, int threads) nogil
     double rn_cross_entropy_weighted(const float *logits, const int32_t *targets, const float *weights,
@@ -132,8 +134,27 @@ def rmsnorm_bwd(dy, x, w, rrms, dx, dw):
         raise MemoryError("rmsnorm_bwd: out of memory for an [S] scratch row")
 
 
-def rope(x, out, int n_heads, int head_dim, inv_freq, bint inverse):
-    """x, out [n_heads*head_dim, S]; inv_freq float64 [head_dim/2]; inverse=True is the backward."""
+def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
+    """x, out [n_heads*head_dim, S]; inverse=True is the backward."""
+    if n_heads <= 0 or head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"rope: n_heads must be > 0 and head_dim even and > 0, "
+                         f"got n_heads={n_heads} head_dim={head_dim}")
+    if not theta > 0:
+        raise ValueError(f"rope: theta must be > 0, got {theta}")
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (n_heads * head_dim, None))
+    cdef int S = X.shape[1]
+    cdef cnp.ndarray O = _arr(out, "out", np.float32, (n_heads * head_dim, S), True)
+    cdef int rc
+    cdef float* pX = _f(X)
+    cdef float* pO = _f(O)
+    with nogil:
+        rc = rn_rope(pX, pO, n_heads, head_dim, S, theta, inverse)
+    if rc:
+        raise MemoryError("rope: out of memory for the cos/sin table")
+
+
+def rope_freq(x, out, int n_heads, int head_dim, inv_freq, bint inverse):
+    """``rope`` with the frequencies given: inv_freq float64 [head_dim/2] (rope scaling applied)."""
     if n_heads <= 0 or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope: n_heads must be > 0 and head_dim even and > 0, "
                          f"got n_heads={n_heads} head_dim={head_dim}")
@@ -148,7 +169,7 @@ def rope(x, out, int n_heads, int head_dim, inv_freq, bint inverse):
     cdef float* pX = _f(X)
     cdef float* pO = _f(O)
     with nogil:
-        rc = rn_rope(pX, pO, n_heads, head_dim, S, pF, inverse)
+        rc = rn_rope_freq(pX, pO, n_heads, head_dim, S, pF, inverse)
     if rc:
         raise MemoryError("rope: out of memory for the cos/sin table")
 

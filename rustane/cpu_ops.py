@@ -94,16 +94,6 @@ def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray, rrms: np.ndar
     return dx
 
 
-def _rope_freq(head_dim: int, theta: float, inv_freq: np.ndarray | None) -> np.ndarray:
-    if inv_freq is None:
-        if not theta > 0:
-            raise ValueError(f"rope: theta must be > 0, got {theta}")
-        from rustane.formats.arch import inv_freq as arch_inv_freq
-
-        inv_freq = arch_inv_freq(int(head_dim), float(theta))
-    return np.ascontiguousarray(inv_freq, dtype=np.float64)
-
-
 def rope_forward(x: np.ndarray, n_heads: int, head_dim: int, theta: float = 10000.0, *,
                  inv_freq: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Rotate ``x [n_heads·head_dim, S]`` at positions 0..S−1. ``out`` may be ``x``.
@@ -111,7 +101,10 @@ def rope_forward(x: np.ndarray, n_heads: int, head_dim: int, theta: float = 1000
     ``inv_freq [head_dim/2]`` (e.g. ``ModelConfig.inv_freq``, with rope scaling) overrides the
     plain ``theta^(−2i/head_dim)`` frequencies."""
     out = _empty(np.shape(x)) if out is None else out
-    _cpu.rope(x, out, int(n_heads), int(head_dim), _rope_freq(head_dim, theta, inv_freq), False)
+    if inv_freq is None:
+        _cpu.rope(x, out, int(n_heads), int(head_dim), float(theta), False)
+    else:
+        _cpu.rope_freq(x, out, int(n_heads), int(head_dim), inv_freq, False)
     return out
 
 
@@ -119,7 +112,10 @@ def rope_backward(dy: np.ndarray, n_heads: int, head_dim: int, theta: float = 10
                   inv_freq: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Gradient through ``rope_forward``: the inverse rotation of ``dy``."""
     out = _empty(np.shape(dy)) if out is None else out
-    _cpu.rope(dy, out, int(n_heads), int(head_dim), _rope_freq(head_dim, theta, inv_freq), True)
+    if inv_freq is None:
+        _cpu.rope(dy, out, int(n_heads), int(head_dim), float(theta), True)
+    else:
+        _cpu.rope_freq(dy, out, int(n_heads), int(head_dim), inv_freq, True)
     return out
 
 

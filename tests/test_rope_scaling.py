@@ -105,3 +105,20 @@ def test_unknown_rope_types_are_refused(tmp_path):
         models.config_from_hf({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
                                "num_attention_heads": 4, "vocab_size": 96}).replace(
             rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_cpu_rope_with_given_frequencies_matches_numpy():
+    """The CPU RoPE the backward uses, given scaled frequencies: an interleaved-pair rotation
+    written here in numpy (forward), and its inverse (backward)."""
+    from rustane import cpu_ops
+    from rustane.formats.arch import inv_freq
+
+    nh, hd, S = 3, 16, 40
+    freq = inv_freq(hd, 500000.0, LLAMA3)
+    x = np.random.default_rng(2).standard_normal((nh * hd, S)).astype(np.float32)
+    ang = np.arange(S)[None, :] * freq[:, None]  # [hd/2, S]
+    a, b = x.reshape(nh, hd // 2, 2, S)[:, :, 0], x.reshape(nh, hd // 2, 2, S)[:, :, 1]
+    want = np.stack([a * np.cos(ang) - b * np.sin(ang), a * np.sin(ang) + b * np.cos(ang)], axis=2).reshape(nh * hd, S)
+    got = cpu_ops.rope_forward(x, nh, hd, inv_freq=freq)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(cpu_ops.rope_backward(got, nh, hd, inv_freq=freq), x, atol=2e-6)

@@ -176,9 +176,11 @@ class LlamaStep:
         backward. A variant that transforms q/k between projection and RoPE extends this."""
         cfg = self.cfg
         with self.rt.timer.phase("cpu"):
-            inv = cfg.inv_freq  # the frequencies the kernels' cos/sin tables were built from
-            dq = cpu_ops.rope_backward(dq_rope, cfg.n_heads, cfg.head_dim, inv_freq=inv, out=dq_rope)
-            dk = cpu_ops.rope_backward(dk_rope, cfg.n_kv_heads, cfg.head_dim, inv_freq=inv, out=dk_rope)
+            # scaled RoPE: the frequencies the kernels' cos/sin tables were built from
+            inv = cfg.inv_freq if cfg.rope_scaling is not None else None
+            dq = cpu_ops.rope_backward(dq_rope, cfg.n_heads, cfg.head_dim, cfg.rope_theta, inv_freq=inv, out=dq_rope)
+            dk = cpu_ops.rope_backward(dk_rope, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, inv_freq=inv,
+                                       out=dk_rope)
         return dq, dk
 
     def backward_layer(self, layer: int, s: Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
