@@ -7,7 +7,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-from rustane.bench.sim import main  # noqa: E402
+from rustane.bench.cli import main  # noqa: E402
+from rustane.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(lambda argv: main(["sim", *argv]))

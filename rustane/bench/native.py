@@ -10,7 +10,6 @@ libraries fighting over the same cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -270,11 +269,3 @@ def run(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    try:
-        return run(ap.parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

@@ -9,9 +9,7 @@ RoPE backward the Llama step already runs on the same arrays; minimum and median
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from types import SimpleNamespace
 
@@ -40,15 +38,6 @@ def add_arguments(ap) -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--seq", type=int, default=256)
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    try:
-        return run(ap.parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 def run(args) -> int:

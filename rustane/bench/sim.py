@@ -13,10 +13,8 @@ the minimum is the least noisy).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -221,15 +219,6 @@ def add_arguments(ap) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (min is reported)")
     ap.add_argument("--seq", type=int, default=256, help="sequence length (Stories110M: 256)")
 
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    try:
-        return run(ap.parse_args(argv))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 def run(args) -> int:
