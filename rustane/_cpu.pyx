@@ -134,16 +134,21 @@ def rmsnorm_bwd(dy, x, w, rrms, dx, dw):
         raise MemoryError("rmsnorm_bwd: out of memory for an [S] scratch row")
 
 
-def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
-    """x, out [n_heads*head_dim, S]; inverse=True is the backward."""
+cdef tuple _rope_buffers(x, out, int n_heads, int head_dim):
+    """The checked [n_heads*head_dim, S] input and output both RoPE entry points take."""
     if n_heads <= 0 or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"rope: n_heads must be > 0 and head_dim even and > 0, "
                          f"got n_heads={n_heads} head_dim={head_dim}")
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (n_heads * head_dim, None))
+    return X, _arr(out, "out", np.float32, (n_heads * head_dim, X.shape[1]), True)
+
+
+def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
+    """x, out [n_heads*head_dim, S]; inverse=True is the backward."""
+    X, O = _rope_buffers(x, out, n_heads, head_dim)
     if not theta > 0:
         raise ValueError(f"rope: theta must be > 0, got {theta}")
-    cdef cnp.ndarray X = _arr(x, "x", np.float32, (n_heads * head_dim, None))
     cdef int S = X.shape[1]
-    cdef cnp.ndarray O = _arr(out, "out", np.float32, (n_heads * head_dim, S), True)
     cdef int rc
     cdef float* pX = _f(X)
     cdef float* pO = _f(O)
@@ -155,16 +160,12 @@ def rope(x, out, int n_heads, int head_dim, double theta, bint inverse):
 
 def rope_freq(x, out, int n_heads, int head_dim, inv_freq, bint inverse):
     """``rope`` with the frequencies given: inv_freq float64 [head_dim/2] (rope scaling applied)."""
-    if n_heads <= 0 or head_dim <= 0 or head_dim % 2:
-        raise ValueError(f"rope: n_heads must be > 0 and head_dim even and > 0, "
-                         f"got n_heads={n_heads} head_dim={head_dim}")
+    X, O = _rope_buffers(x, out, n_heads, head_dim)
     cdef cnp.ndarray F = np.ascontiguousarray(inv_freq, dtype=np.float64)
     if F.ndim != 1 or F.shape[0] != head_dim // 2:
         raise ValueError(f"rope: inv_freq must be [head_dim/2={head_dim // 2}], got shape {np.shape(inv_freq)}")
     cdef const double* pF = <const double*> cnp.PyArray_DATA(F)
-    cdef cnp.ndarray X = _arr(x, "x", np.float32, (n_heads * head_dim, None))
     cdef int S = X.shape[1]
-    cdef cnp.ndarray O = _arr(out, "out", np.float32, (n_heads * head_dim, S), True)
     cdef int rc
     cdef float* pX = _f(X)
     cdef float* pO = _f(O)
