@@ -73,7 +73,8 @@ class Model:
         self.trainable = frozenset(self.params if trainable is None else trainable)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items() if k in self.trainable}
         self.queue = native.DWQueue()
-        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False))
+        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False),
+                                               splitter=getattr(backend, "splitter", None))
         self.ws = Workspace()
         self.timer = PhaseTimer()
         self.kernels_set = KernelSet(self.plan, backend, cfg.n_layers, self.ws, self.timer)
