@@ -41,6 +41,7 @@ from rustane.optim import AdamW, make_loss_scaler
 log = logging.getLogger("rustane.finetune")
 STATE_FILE, OPTIM_FILE, TRAINED_FILE = "trainer_state.json", "optimizer.safetensors", "trained.safetensors"
 CHECKPOINTS = "checkpoints"
+LORA_RING = 2
 
 __all__ = ["FinetuneEngine", "FinetuneStats", "peak_rss_bytes", "latest_checkpoint"]
 
@@ -95,7 +96,10 @@ class FinetuneEngine:
         from rustane.runtime.model import Model
 
         if lora is not None:
-            self.model = Model(cfg, self.backend, params, seed=self.seed, trainable=(), keep_frozen=False)
+            # no layer matrix trains: the queue carries only the adapters' rank-r jobs, so the
+            # backward's arrays live in a ring of LORA_RING layers (docs/finetune.md, "Memory")
+            self.model = Model(cfg, self.backend, params, seed=self.seed, trainable=(), keep_frozen=False,
+                               ring=LORA_RING)
             from rustane.lora_train import LoraTrainer
             self.lora = LoraTrainer(self.model, lora, adapters or init_adapters(cfg, lora, self.seed))
             trained = self.lora.params

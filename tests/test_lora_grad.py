@@ -79,8 +79,10 @@ def _mask(cfg, seed, n):
 
 
 def _ours(cfg, params, lcfg, adapters, x, y, w):
+    # the workspace ring of a LoRA run (FinetuneEngine's setting): backward arrays shared by
+    # every second layer, forward arrays rebuilt in the backward
     model = Model(cfg, make_backend("sim", "fp32", ane_rules=False), {k: v.copy() for k, v in params.items()},
-                  trainable=(), keep_frozen=False)
+                  trainable=(), keep_frozen=False, ring=2)
     try:
         tr = LoraTrainer(model, lcfg, {k: (a.copy(), b.copy()) for k, (a, b) in adapters.items()})
         n = w.sum()
@@ -147,3 +149,70 @@ def test_masked_positions_change_nothing(tmp_path):
     c = _ours(cfg, params, lcfg, adapters, x, y, ones)
     d = _ours(cfg, params, lcfg, adapters, x, y2, ones)
     assert c[0] != d[0]
+
+
+def _train_lora(cfg, precision, ring, steps=3):
+    """Three optimizer steps of 3 rows (several micro-steps per step): losses, adapters, logits."""
+    from rustane.optim import AdamW, make_loss_scaler
+    lcfg = LoraConfig(rank=4, alpha=8.0, targets=ALL)
+    params, adapters = _params(cfg, 1), _adapters(cfg, lcfg, 2)
+    x, y, w = _mask(cfg, 3, 3)
+    model = Model(cfg, make_backend("sim", precision, ane_rules=False), params, trainable=(), keep_frozen=False,
+                  ring=ring)
+    try:
+        tr = LoraTrainer(model, lcfg, adapters)
+        opt, scaler = AdamW(tr.params), make_loss_scaler(None)
+        losses = []
+        for _ in range(steps):
+            n = w.sum()
+            losses.append(sum(model.forward_backward(x[r], y[r], weights=w[r] / n) for r in range(len(x))))
+            tr.optimizer_step(opt, scaler, 1e-2)
+        return losses, {k: v.copy() for k, v in tr.params.items()}, model.logits(x[0]).copy()
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_workspace_ring_gives_the_same_bits(family, precision):
+    """The ring only reuses buffers (the queue drained before a slot is reused; forward values
+    read again from the kernels' outputs): a 5-layer run (slots reused twice) gives the bits of
+    the per-layer workspace. A ring that handed one slot to every layer fails this (checked by
+    hand: losses 3.47 vs 3.52)."""
+    cfg = (llama.ModelConfig(dim=48, hidden_dim=80, n_layers=5, n_heads=6, n_kv_heads=2, vocab_size=53, seq_len=10,
+                             tie_embeddings=True) if family == "llama" else
+           qwen3.ModelConfig(dim=40, hidden_dim=72, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=67,
+                             seq_len=12, tie_embeddings=True))
+    ref = _train_lora(cfg, precision, None)
+    for ring in (2, 3):
+        got = _train_lora(cfg, precision, ring)
+        assert got[0] == ref[0]
+        assert all(np.array_equal(got[1][k], ref[1][k]) for k in ref[1])
+        assert np.array_equal(got[2], ref[2])
+
+
+def test_workspace_ring_holds_few_layers():
+    """What the ring is for: after a LoRA step the workspace holds backward arrays for ``ring``
+    layers and forward arrays for one, not for every layer."""
+    from rustane.runtime.workspace import Workspace
+    with pytest.raises(ValueError):
+        Workspace(ring=1)
+    cfg = llama.ModelConfig(dim=48, hidden_dim=80, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=53, seq_len=10,
+                            tie_embeddings=True)
+    sizes = {}
+    for ring in (None, 2):
+        lcfg = LoraConfig(rank=2, alpha=4.0, targets=ALL)
+        model = Model(cfg, make_backend("sim", "fp32", ane_rules=False), _params(cfg, 1), trainable=(),
+                      keep_frozen=False, ring=ring)
+        try:
+            LoraTrainer(model, lcfg, _adapters(cfg, lcfg, 2))
+            x, y, w = _mask(cfg, 3, 2)
+            for r in range(2):
+                model.forward_backward(x[r], y[r], weights=w[r])
+            model.finish_gradients()
+            sizes[ring] = sum(sum(a.nbytes for a in (v if isinstance(v, list) else [v]))
+                              for st in model.ws._sets for v in st.values())
+        finally:
+            model.close()
+    # per layer and set: ~13 [C, S] arrays; the ring keeps 2 layers' worth in one set
+    assert sizes[2] < 0.3 * sizes[None], sizes
