@@ -705,6 +705,7 @@ def test_probe_record_matches_the_fake_profiles_evidence(fake, profiled, pid):
     assert rules["cast-op"]["result"] == ("compile-error" if "cast" in prof.rejected_ops else "ok")
     assert rules["uniform-io-sizes"] == {"equal": "ok", "different": "eval-error"}
     assert r["checks"]["inputs_different_sizes"]["code"] == 0x1D
+    assert rules["io-order"] == {"result": "ok"}  # the fake binds by name, and so does the probe's request
 
     # the profile a cached probe of this Mac selects (its chip named as the fake's profile is)
     chip = prof.chip.upper()
@@ -932,6 +933,79 @@ def test_fake_behaves_like_the_evidence_for_each_profile(fake, profiled, pid):
     rules_seen = {e[0] for e in hook.events}
     assert {"min-surface", "min-width", "zero-width", "width-multiple", "max-width"} <= rules_seen
     assert "hook-error" not in rules_seen, hook.events
+
+
+
+def _io_order_mil() -> str:
+    """Inputs declared (x, b), outputs returned (y, p): both out of alphabetical order, every surface
+    [1, 384, 1, 64] fp16 = 49,152 bytes (inside min-surface, min-width, width-multiple and
+    uniform-io-sizes, so io-order is the only rule in play). y = x - b, p = x * b."""
+    s = (1, 384, 1, 64)
+    return (HEADER + "{\n"
+            f"    func main<ios18>({t(s)} x, {t(s)} b) {{\n"
+            f"        {t(s)} y = sub(x=x, y=b)[name=string(\"y\")];\n"
+            f"        {t(s)} p = mul(x=x, y=b)[name=string(\"p\")];\n"
+            "    } -> (y, p);\n}\n")
+
+
+def _io_order_data():
+    """Small integers, so x - b, b - x and x * b are exact in fp16 and any swap shows."""
+    r = np.random.default_rng(3)
+    x = r.integers(-8, 9, (384, 64)).astype(np.float16)
+    b = r.integers(1, 5, (384, 64)).astype(np.float16)
+    return x, b
+
+
+@fake_only
+@pytest.mark.filterwarnings("ignore:.*ANE compiles in this process:RuntimeWarning")
+@pytest.mark.parametrize("pid", PROFILE_IDS)
+def test_io_order_broken_on_purpose_gives_silently_wrong_outputs_and_the_runtime_never_binds_so(fake, profiled, pid):
+    """docs/ane-rules.md#io-order (Orion, M4 Max): a request's surfaces bind to the program's inputs
+    and outputs in alphabetical order of their MIL names, not in declaration order; binding in
+    declaration order gives wrong numbers and no error.
+
+    Under every chip profile: (a) a request built in declaration order (x, b) -> (y, p), straight on
+    the native runtime, evaluates without error and returns b - x where y should be and x * b where
+    we read y, exactly the swap the rule predicts, checked against numpy; (b) the runtime's own
+    request binds in name order and computes x - b and x * b exactly, and it refuses the
+    declaration-order buffers with an error naming the rule and the document."""
+    from rustane import _ane
+    from rustane.backends.ane import AneBackend
+    from rustane.mil import ane_rules
+
+    chip, os_major = pid.split("-")
+    prof = ane_rules.profile(chip, int(os_major))
+    hook = profiled(prof)
+    be = AneBackend(check=False, dialect=prof.dialects[0])
+    k = be.compile(_io_order_mil(), {}, "ioorder")
+    try:
+        assert [s.name for s in k.inputs] == ["b", "x"] and [s.name for s in k.outputs] == ["p", "y"]
+        buf = {s.name: k.alloc(s) for s in k.inputs + k.outputs}
+        x, b = _io_order_data()
+        buf["x"].write(x)
+        buf["b"].write(b)
+        x64, b64 = x.astype(np.float64), b.astype(np.float64)
+        # (a) declaration order, as a runtime that trusted the text would bind it
+        native = _ane.Request(k._model, [buf["x"].surface, buf["b"].surface], [buf["y"].surface, buf["p"].surface])
+        native.eval()
+        got_y, got_p = buf["y"].read().astype(np.float64), buf["p"].read().astype(np.float64)
+        assert not np.array_equal(got_y, x64 - b64) and not np.array_equal(got_p, x64 * b64)
+        np.testing.assert_array_equal(got_y, x64 * b64)  # the surface bound first got p
+        np.testing.assert_array_equal(got_p, b64 - x64)  # y, computed with x and b swapped
+        del native
+        # (b) the runtime binds by name and gets it right
+        req = k.request([buf[s.name] for s in k.inputs], [buf[s.name] for s in k.outputs])
+        req.eval()
+        np.testing.assert_array_equal(buf["y"].read().astype(np.float64), x64 - b64)
+        np.testing.assert_array_equal(buf["p"].read().astype(np.float64), x64 * b64)
+        del req
+        with pytest.raises(ValueError, match=r"io-order.*docs/ane-rules\.md#io-order"):
+            k.request([buf["x"], buf["b"]], [buf["p"], buf["y"]])
+        with pytest.raises(ValueError, match=r"output 0 is the buffer of 'y'.*io-order"):
+            k.request([buf["b"], buf["x"]], [buf["y"], buf["p"]])
+    finally:
+        k.close()
+    assert hook.events == []  # silent: no profile rule fired, the wrong numbers came with no error
 
 
 def _reshape_mil(c: int, w: int, inner: tuple) -> str:

@@ -55,6 +55,13 @@ def validate_buffers(kernel: Kernel, ins: Sequence[Buffer], outs: Sequence[Buffe
                     f"kernel.alloc(), got {type(b).__name__}"
                 )
             bs = b.spec
+            if bs.name != s.name and bs.name in {x.name for x in specs}:
+                raise ValueError(
+                    f"kernel {kernel.name!r} {what} {i} is the buffer of {bs.name!r}, but position {i} "
+                    f"feeds {s.name!r}: the ANE binds surfaces in alphabetical order of the MIL names "
+                    f"(io-order, see docs/ane-rules.md#io-order); pass the buffers in the order of "
+                    f"kernel.{what}s ({', '.join(x.name for x in specs)})"
+                )
             if tuple(bs.shape) != tuple(s.shape) or np.dtype(bs.dtype) != np.dtype(s.dtype):
                 raise ValueError(
                     f"kernel {kernel.name!r} {what} {i} ({s.name!r}) needs a {np.dtype(s.dtype).name} "
