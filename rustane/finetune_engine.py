@@ -93,7 +93,7 @@ class FinetuneEngine:
         self.lora_config = lora
         self.freeze_embeddings = bool(freeze_embeddings)
         self.layers = None if layers is None else tuple(layers)
-        from rustane.runtime.model import Model
+        from rustane.runtime.model import Model, return_freed_memory
 
         if lora is not None:
             # no layer matrix trains: the queue carries only the adapters' rank-r jobs, so the
@@ -109,6 +109,9 @@ class FinetuneEngine:
             self.lora = None
             trained = {k: self.model.params[k] for k in names}
         del params
+        # the imported model's arrays are gone: hand their pages back before the first step
+        # allocates (rustane.runtime.model.return_freed_memory)
+        return_freed_memory()
         tc = self.train_config
         self.optimizer = AdamW(trained, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay)
         self.scaler = make_loss_scaler(tc.loss_scale)

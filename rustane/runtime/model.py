@@ -156,8 +156,13 @@ class Model:
     # ---- forward ---------------------------------------------------------------------------------
 
     def logits(self, tokens) -> np.ndarray:
-        """Forward only: logits ``[V, S]`` (fp32) for one sequence of exactly ``seq_len`` tokens."""
-        return self.math.logits(self._check_tokens(tokens, "tokens"))
+        """Forward only: logits ``[V, S]`` (fp32) for one sequence of exactly ``seq_len`` tokens.
+        Under the step's BLAS thread policy, like ``forward_backward``: numpy's own BLAS threads
+        spin-wait on a busy machine (a SmolLM2-135M forward of 40 tokens took 1.15 s instead of
+        ~0.3 s under load 3; ``pytest tests/test_finetune_real.py --durations=1`` shows it)."""
+        tokens = self._check_tokens(tokens, "tokens")
+        with self.threads.step():
+            return self.math.logits(tokens)
 
     def loss(self, tokens, targets) -> float:
         """Mean next-token cross-entropy of one sequence, forward only."""

@@ -82,6 +82,16 @@ class LlamaStep:
             self.rt.dw(g, dy, x)
         return None
 
+    def first_trained_layer(self) -> int:
+        """The lowest layer whose backward feeds a gradient: 0 when the embedding trains, else
+        the lowest layer with a trained parameter or an adapter (``n_layers`` if none)."""
+        if self._g_embed_in is not None:
+            return 0
+        for layer in range(self.cfg.n_layers):
+            if self._layer_grads[layer] or (self.lora is not None and self.lora.in_layer(layer)):
+                return layer
+        return self.cfg.n_layers
+
     def layer_grad(self, layer: int, name: str) -> np.ndarray:
         return self._layer_grads[layer][name]
 
@@ -189,7 +199,9 @@ class LlamaStep:
             dy = cpu_ops.rmsnorm_backward(dxf, x, params[P.FINAL_NORM], rf,
                                           self.grad_of(None, P.FINAL_NORM, params[P.FINAL_NORM]), dx=dxf)
 
-        for layer in reversed(range(cfg.n_layers)):
+        # below the lowest layer with something to train, the backward computes nothing that is
+        # used: stop there (LoRA or full fine-tuning of the last N blocks, frozen embedding)
+        for layer in reversed(range(self.first_trained_layer(), cfg.n_layers)):
             dy = self.backward_layer(layer, saved[layer], dy, alpha)
 
         if self._g_embed_in is not None:
