@@ -74,7 +74,8 @@ class Model:
         self.trainable = frozenset(self.params if trainable is None else trainable)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items() if k in self.trainable}
         self.queue = native.DWQueue()
-        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False))
+        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False),
+                                               splitter=getattr(backend, "splitter", None))
         # ring: backward arrays shared by every ``ring``-th layer, one set for all micro-steps
         # (LoRA: the queue holds only small adapter jobs; rustane/runtime/workspace.py)
         self.ws = Workspace() if ring is None else Workspace(ring=ring, sets=1)
