@@ -253,3 +253,21 @@ def test_the_probes_io_order_check_passes_on_name_order_and_fails_on_declaration
     assert probe._check(sim, text, {"a": a, "b": b}, want, "io")["result"] == "ok"
     assert probe._check(sim, text, {"a": b, "b": a}, want, "io")["result"] == "wrong"
     assert probe.summarize_rules({"io_order": {"result": "wrong"}}, ["ios18"])["io-order"] == {"result": "wrong"}
+
+
+def test_the_documents_rule_to_test_table_names_real_tests_for_every_rule():
+    """docs/ane-rules.md says which test breaks each rule; a renamed or deleted test must show."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "ane-rules.md").read_text()
+    section = doc.split("## Which test breaks each rule", 1)[1].split("\n## ", 1)[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert set(rows) - {"rule"} == set(ane_rules.RULES)
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in root.glob("test_*.py")), re.M))
+    for rule, row in rows.items():
+        named = re.findall(r"`(test_\w+)`", row)
+        assert rule == "rule" or named, rule
+        missing = [n for n in named if n not in defined]
+        assert not missing, (rule, missing)
