@@ -67,7 +67,7 @@ class StepThreads:
     """Thread policy of a model's training step (see the module doc). ``enabled`` for backends
     whose kernels run on the CPU."""
 
-    def __init__(self, enabled: bool, cpus: int | None = None):
+    def __init__(self, enabled: bool, cpus: int | None = None, splitter=None):
         self.enabled = bool(enabled)
         self.cpus = usable_cpus() if cpus is None else int(cpus)
         self.blas_threads = max(1, self.cpus - 1)  # the dW queue's worker owns one core
@@ -76,6 +76,9 @@ class StepThreads:
         # with more, BLAS already spreads the classifier over the cores
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="rustane-split")
                       if self.enabled and self.blas_threads == 1 and self.cpus > 1 else None)
+        # the simulator's matmul splitter (rustane/mil/split.py) splits only while BLAS is held to
+        # one thread here: that is when its halves round like the whole call
+        self._splitter = splitter if self._pool is not None and self._blas else None
 
     @contextlib.contextmanager
     def step(self):
@@ -87,8 +90,12 @@ class StepThreads:
                 if n != self.blas_threads:
                     lc.set_num_threads(self.blas_threads)
                     saved.append((lc, n))
+            if self._splitter is not None:
+                self._splitter.active = True
             yield self
         finally:
+            if self._splitter is not None:
+                self._splitter.active = False
             for lc, n in saved:
                 lc.set_num_threads(n)
 
@@ -125,7 +132,8 @@ class StepThreads:
         """How steps share the cores, for reports (the bench JSON)."""
         return {"applied": self.enabled, "cpus": self.cpus,
                 "numpy_blas_threads": self.blas_threads if self.enabled else "unchanged",
-                "numpy_blas_controlled": len(self._blas), "split_helper": self._pool is not None}
+                "numpy_blas_controlled": len(self._blas), "split_helper": self._pool is not None,
+                "sim_matmul_split": self._splitter is not None}
 
     def close(self) -> None:
         if self._pool is not None:

@@ -23,16 +23,7 @@ from pathlib import Path
 
 from rustane.cli import ArgumentParser
 
-#: every setting and its default (the flags, the config file's keys)
-DEFAULTS = {
-    "model": None, "data": None, "fine_tune_type": "lora", "lora_rank": 8, "lora_alpha": None, "lora_scale": None,
-    "lora_layers": None, "lora_targets": "q_proj,v_proj", "mask_prompt": False, "steps": 100, "accum": 1,
-    "batch_size": 1, "seq_len": None, "learning_rate": 1e-4, "min_lr": None, "warmup": 10, "weight_decay": 0.0,
-    "clip": 1.0, "loss_scale": "dynamic", "save_every": 100, "eval_every": 50, "eval_batches": None,
-    "adapter_path": "adapters", "resume": False, "freeze_embeddings": False, "fit": "pad", "truncate": False,
-    "valid_fraction": 0.1, "backend": "auto", "precision": "fp16", "seed": 0, "research": False, "keep": 3,
-    "progress": True, "debug": False,
-}
+from rustane.finetune_engine import DEFAULTS  # noqa: E402  (every setting and its default)
 ALIASES = {"iters": "steps", "train_type": "fine_tune_type", "num_layers": "lora_layers", "grad_accumulation_steps": "accum"}
 
 
@@ -127,86 +118,24 @@ def settings(argv: list[str] | None) -> dict:
     return s
 
 
-def _lora_config(s: dict, n_layers: int):
-    from rustane.lora import LoraConfig
-    rank = int(s["lora_rank"])
-    if s["lora_alpha"] is not None and s["lora_scale"] is not None:
-        raise ValueError("give --lora-alpha or --lora-scale, not both (alpha = scale·rank)")
-    alpha = (float(s["lora_alpha"]) if s["lora_alpha"] is not None
-             else float(s["lora_scale"]) * rank if s["lora_scale"] is not None else 2.0 * rank)
-    return LoraConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in str(s["lora_targets"]).split(",") if t.strip()),
-                      layers=_last_layers(s["lora_layers"], n_layers))
-
-
-def _last_layers(n, n_layers: int):
-    if n is None:
-        return None
-    n = int(n)
-    if not 1 <= n <= n_layers:
-        raise ValueError(f"--lora-layers must be in 1..{n_layers} (the model's blocks), got {n}")
-    return tuple(range(n_layers - n, n_layers))
-
-
 def finetune(s: dict) -> int:
-    from rustane import models
-    from rustane.engine import TrainConfig
-    from rustane.finetune_data import Tokenization, open_finetune_data
-    from rustane.finetune_engine import FinetuneEngine, latest_checkpoint
-    from rustane.formats import describe_source, load_model, resolve_source
+    """Run the job (``rustane.finetune_engine.run_job``) with progress on stderr, the report on stdout."""
+    from rustane.finetune_engine import run_job
 
-    tc = TrainConfig(lr=float(s["learning_rate"]), min_lr=s["min_lr"], warmup=int(s["warmup"]), steps=int(s["steps"]),
-                     accum=int(s["accum"]), clip=s["clip"], weight_decay=float(s["weight_decay"]),
-                     loss_scale=s["loss_scale"]).validate()
-    if int(s["batch_size"]) < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {s['batch_size']}")
-    # 1. the model's description and tokenizer, 2. every data row: both before anything is written
-    m = load_model(resolve_source(s["model"]))
-    n_layers = m.spec.n_layers
-    seq_len = int(s["seq_len"]) if s["seq_len"] is not None else min(m.spec.max_position, 256)
-    data = open_finetune_data(s["data"], Tokenization.of_model(m), seq_len, mask_prompt=bool(s["mask_prompt"]),
-                              truncate=bool(s["truncate"]), fit=s["fit"], valid_fraction=float(s["valid_fraction"]),
-                              split_seed=int(s["seed"]))
-    lora = _lora_config(s, n_layers) if s["fine_tune_type"] == "lora" else None
-    layers = None if lora is not None else _last_layers(s["lora_layers"], n_layers)
-    out = Path(s["adapter_path"])
-    resume_from = latest_checkpoint(out) if s["resume"] else None
-    if s["resume"] and resume_from is None:
-        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'} (run without --resume to start)")
-    if not s["resume"] and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
-                         f"another --adapter-path")
-    models.config_from_hf(m.config)  # refuses what the kernels cannot train, before compiling
-    print(f"[{describe_source(m)}]", file=sys.stderr)
-    print(f"[data: {len(data.train)} train rows"
-          f"{'' if data.valid is None else f', {len(data.valid)} valid rows'} of {seq_len} tokens ({data.fit}); "
-          f"{100 * data.loss_token_share():.1f}% of computed tokens carry loss]", file=sys.stderr)
-    eng = FinetuneEngine(s["model"], lora=lora, backend=s["backend"], precision=s["precision"], seq_len=seq_len,
-                         seed=int(s["seed"]), train=tc, freeze_embeddings=bool(s["freeze_embeddings"]), layers=layers,
-                         ane_rules=not s["research"], imported=m)
-    del m
-    try:
-        if resume_from is not None:
-            st = eng.load_trained(resume_from)
-            print(f"[resumed from {resume_from} at step {st['step']}]", file=sys.stderr)
-        trained = sum(v.size for v in eng.trained_params.values())
-        print(f"[{s['fine_tune_type']}: {trained:,} trained parameters; backend {eng.backend.name} "
-              f"{eng.precision}; compile {eng.model.compile_seconds:.1f} s]", file=sys.stderr)
+    def say(msg):
+        print(f"[{msg}]", file=sys.stderr, flush=True)
 
-        def on_step(st):
-            if s["progress"]:
-                print(f"step {st.step:5d} | loss {st.loss:.4f} | lr {st.lr:.2e} | {st.tokens_per_second:7.1f} tok/s | "
-                      f"trained tokens {eng.trained_tokens} | peak {st.peak_rss / 2**30:.2f} GiB"
-                      f"{' | skipped (overflow)' if st.skipped else ''}", file=sys.stderr, flush=True)
+    def on_step(st, eng):
+        if s["progress"]:
+            print(f"step {st.step:5d} | loss {st.loss:.4f} | lr {st.lr:.2e} | {st.tokens_per_second:7.1f} tok/s | "
+                  f"trained tokens {eng.trained_tokens} | peak {st.peak_rss / 2**30:.2f} GiB"
+                  f"{' | skipped (overflow)' if st.skipped else ''}", file=sys.stderr, flush=True)
 
-        def on_eval(step, val):
-            print(f"step {step:5d} | val loss {val:.4f}", file=sys.stderr, flush=True)
+    def on_eval(step, val):
+        print(f"step {step:5d} | val loss {val:.4f}", file=sys.stderr, flush=True)
 
-        res = eng.fit(data, batch_size=int(s["batch_size"]), out=out, save_every=int(s["save_every"]),
-                      keep=int(s["keep"]), eval_every=int(s["eval_every"]), eval_batches=s["eval_batches"],
-                      on_step=on_step, on_eval=on_eval)
-        print(json.dumps({"report": res["report"], "evals": res["evals"]}))
-    finally:
-        eng.close()
+    res = run_job(s, say=say, on_step=on_step, on_eval=on_eval)
+    print(json.dumps({"report": res["report"], "evals": res["evals"]}))
     return 0
 
 

@@ -34,15 +34,28 @@ from typing import Any, Callable
 import numpy as np
 
 from rustane import checkpoint, cpu_ops, models
-from rustane.engine import StepStats, TrainConfig, make_backend
+from rustane.train_settings import StepStats, TrainConfig, make_backend
 from rustane.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraConfig, init_adapters, load_adapter, save_adapter
 from rustane.optim import AdamW, make_loss_scaler
 
 log = logging.getLogger("rustane.finetune")
 STATE_FILE, OPTIM_FILE, TRAINED_FILE = "trainer_state.json", "optimizer.safetensors", "trained.safetensors"
 CHECKPOINTS = "checkpoints"
+LORA_RING = 2
 
-__all__ = ["FinetuneEngine", "FinetuneStats", "peak_rss_bytes", "latest_checkpoint"]
+__all__ = ["FinetuneEngine", "FinetuneStats", "peak_rss_bytes", "latest_checkpoint", "run_job", "DEFAULTS"]
+
+#: every setting of a fine-tuning job and its default (``python -m rustane.finetune``'s flags and
+#: config keys, ``Engine.finetune``'s keyword arguments)
+DEFAULTS = {
+    "model": None, "data": None, "fine_tune_type": "lora", "lora_rank": 8, "lora_alpha": None, "lora_scale": None,
+    "lora_layers": None, "lora_targets": "q_proj,v_proj", "mask_prompt": False, "steps": 100, "accum": 1,
+    "batch_size": 1, "seq_len": None, "learning_rate": 1e-4, "min_lr": None, "warmup": 10, "weight_decay": 0.0,
+    "clip": 1.0, "loss_scale": "dynamic", "save_every": 100, "eval_every": 50, "eval_batches": None,
+    "adapter_path": "adapters", "resume": False, "freeze_embeddings": False, "fit": "pad", "truncate": False,
+    "valid_fraction": 0.1, "backend": "auto", "precision": "fp16", "seed": 0, "research": False, "keep": 3,
+    "progress": True, "debug": False,
+}
 
 
 def peak_rss_bytes() -> int:
@@ -92,10 +105,13 @@ class FinetuneEngine:
         self.lora_config = lora
         self.freeze_embeddings = bool(freeze_embeddings)
         self.layers = None if layers is None else tuple(layers)
-        from rustane.runtime.model import Model
+        from rustane.runtime.model import Model, return_freed_memory
 
         if lora is not None:
-            self.model = Model(cfg, self.backend, params, seed=self.seed, trainable=(), keep_frozen=False)
+            # no layer matrix trains: the queue carries only the adapters' rank-r jobs, so the
+            # backward's arrays live in a ring of LORA_RING layers (docs/finetune.md, "Memory")
+            self.model = Model(cfg, self.backend, params, seed=self.seed, trainable=(), keep_frozen=False,
+                               ring=LORA_RING)
             from rustane.lora_train import LoraTrainer
             self.lora = LoraTrainer(self.model, lora, adapters or init_adapters(cfg, lora, self.seed))
             trained = self.lora.params
@@ -105,6 +121,9 @@ class FinetuneEngine:
             self.lora = None
             trained = {k: self.model.params[k] for k in names}
         del params
+        # the imported model's arrays are gone: hand their pages back before the first step
+        # allocates (rustane.runtime.model.return_freed_memory)
+        return_freed_memory()
         tc = self.train_config
         self.optimizer = AdamW(trained, betas=(tc.beta1, tc.beta2), eps=tc.eps, weight_decay=tc.weight_decay)
         self.scaler = make_loss_scaler(tc.loss_scale)
@@ -379,3 +398,88 @@ class FinetuneEngine:
 
     def close(self) -> None:
         self.model.close()
+
+
+# ---- one whole job (the CLI and Engine.finetune) ------------------------------------------------
+
+def lora_config_of(s: dict, n_layers: int) -> LoraConfig:
+    rank = int(s["lora_rank"])
+    if s["lora_alpha"] is not None and s["lora_scale"] is not None:
+        raise ValueError("give --lora-alpha or --lora-scale, not both (alpha = scale·rank)")
+    alpha = (float(s["lora_alpha"]) if s["lora_alpha"] is not None
+             else float(s["lora_scale"]) * rank if s["lora_scale"] is not None else 2.0 * rank)
+    return LoraConfig(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in str(s["lora_targets"]).split(",") if t.strip()),
+                      layers=last_layers(s["lora_layers"], n_layers))
+
+
+def last_layers(n, n_layers: int):
+    if n is None:
+        return None
+    n = int(n)
+    if not 1 <= n <= n_layers:
+        raise ValueError(f"--lora-layers must be in 1..{n_layers} (the model's blocks), got {n}")
+    return tuple(range(n_layers - n, n_layers))
+
+
+def run_job(settings: dict, *, say: Callable[[str], None] | None = None,
+            on_step: Callable[[FinetuneStats, "FinetuneEngine"], None] | None = None,
+            on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Load the model, validate every data row, build the engine, resume if asked, train and save
+    into ``adapter_path``: the whole of ``python -m rustane.finetune`` (``settings``: ``DEFAULTS``'
+    keys). Nothing is written before the model and the data are read. Returns ``fit``'s result."""
+    from rustane import models
+    from rustane.finetune_data import Tokenization, open_finetune_data
+    from rustane.formats import describe_source, load_model, resolve_source
+
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown fine-tuning settings {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
+    s = {**DEFAULTS, **settings}
+    for req in ("model", "data"):
+        if not s.get(req):
+            raise ValueError(f"--{req} is required (or set {req}: in the -c config file)")
+    say = say or (lambda msg: log.info(msg))
+    tc = TrainConfig(lr=float(s["learning_rate"]), min_lr=s["min_lr"], warmup=int(s["warmup"]), steps=int(s["steps"]),
+                     accum=int(s["accum"]), clip=s["clip"], weight_decay=float(s["weight_decay"]),
+                     loss_scale=s["loss_scale"]).validate()
+    if int(s["batch_size"]) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {s['batch_size']}")
+    # 1. the model's description and tokenizer, 2. every data row: both before anything is written
+    m = load_model(resolve_source(s["model"]))
+    n_layers = m.spec.n_layers
+    seq_len = int(s["seq_len"]) if s["seq_len"] is not None else min(m.spec.max_position, 256)
+    data = open_finetune_data(s["data"], Tokenization.of_model(m), seq_len, mask_prompt=bool(s["mask_prompt"]),
+                              truncate=bool(s["truncate"]), fit=s["fit"], valid_fraction=float(s["valid_fraction"]),
+                              split_seed=int(s["seed"]))
+    lora = lora_config_of(s, n_layers) if s["fine_tune_type"] == "lora" else None
+    layers = None if lora is not None else last_layers(s["lora_layers"], n_layers)
+    out = Path(s["adapter_path"])
+    resume_from = latest_checkpoint(out) if s["resume"] else None
+    if s["resume"] and resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {out / 'checkpoints'} (run without --resume to start)")
+    if not s["resume"] and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+                         f"another --adapter-path")
+    models.config_from_hf(m.config)  # refuses what the kernels cannot train, before compiling
+    say(describe_source(m))
+    say(f"data: {len(data.train)} train rows"
+        f"{'' if data.valid is None else f', {len(data.valid)} valid rows'} of {seq_len} tokens ({data.fit}); "
+        f"{100 * data.loss_token_share():.1f}% of computed tokens carry loss")
+    eng = FinetuneEngine(s["model"], lora=lora, backend=s["backend"], precision=s["precision"], seq_len=seq_len,
+                         seed=int(s["seed"]), train=tc, freeze_embeddings=bool(s["freeze_embeddings"]), layers=layers,
+                         ane_rules=not s["research"], imported=m)
+    del m
+    try:
+        if resume_from is not None:
+            st = eng.load_trained(resume_from)
+            say(f"resumed from {resume_from} at step {st['step']}")
+        trained = sum(v.size for v in eng.trained_params.values())
+        say(f"{s['fine_tune_type']}: {trained:,} trained parameters; backend {eng.backend.name} "
+            f"{eng.precision}; compile {eng.model.compile_seconds:.1f} s")
+        res = eng.fit(data, batch_size=int(s["batch_size"]), out=out, save_every=int(s["save_every"]),
+                      keep=int(s["keep"]), eval_every=int(s["eval_every"]), eval_batches=s["eval_batches"],
+                      on_step=None if on_step is None else (lambda st: on_step(st, eng)), on_eval=on_eval)
+    finally:
+        eng.close()
+    res["out"] = out
+    return res

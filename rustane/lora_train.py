@@ -43,6 +43,7 @@ class LoraTrainer:
             self.params[ka], self.params[kb] = a, b
             self.grads[ka], self.grads[kb] = ga, gb
             self._by_weight[(layer, TARGETS[m])] = (a, b, ga, gb)
+        self._layers = frozenset(layer for (layer, _) in adapters)
         self._base, self._fwd = self._find_blocks()
         self._tmp: dict[tuple[int, int], np.ndarray] = {}
         model.math.lora = self
@@ -108,6 +109,10 @@ class LoraTrainer:
 
     def has(self, layer: int, wname: str) -> bool:
         return (layer, wname) in self._by_weight
+
+    def in_layer(self, layer: int) -> bool:
+        """Some weight of ``layer`` carries an adapter."""
+        return layer in self._layers
 
     # ---- one update ---------------------------------------------------------------------------
 

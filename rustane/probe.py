@@ -172,6 +172,19 @@ def two_input_program(dialect: str, c: int = SAFE_C, s: int = SAFE_W, s_b: int =
     return p.text(["z"])
 
 
+def io_order_program(dialect: str, c: int = SAFE_C, s: int = SAFE_W) -> str:
+    """Inputs declared (b, a), outputs returned (z, y): both out of alphabetical order, every tensor
+    the same size and above the minimums. z = b - a, y = a + a. Bound by name, as rustane binds, z
+    is b - a where the Mac binds surfaces in name order (docs/ane-rules.md#io-order); a Mac binding
+    in declaration order would give a - b (inputs) or 2a (outputs) there."""
+    p = _Prog(dialect)
+    b = p.input("b", (1, c, 1, s))
+    a = p.input("a", (1, c, 1, s))
+    p.op("z", (1, c, 1, s), "sub", x=b, y=a)
+    p.op("y", (1, c, 1, s), "add", x=a, y=a)
+    return p.text(["z", "y"])
+
+
 # ---- running a check ---------------------------------------------------------------------------------
 def _run(backend, mil: str, inputs: dict[str, np.ndarray], name: str):
     """Compile, bind, evaluate once; returns (kernel, request, {output name: array})."""
@@ -294,6 +307,8 @@ def summarize_rules(checks: dict, dialects_ok: list) -> dict:
     for rule, name in (("matmul-op", "matmul_inner_64"), ("cast-op", "cast")):
         if name in checks:
             rules[rule] = {"result": checks[name]["result"]}
+    if "io_order" in checks:
+        rules["io-order"] = {"result": checks["io_order"]["result"]}
     if "inputs_equal_sizes" in checks:
         rules["uniform-io-sizes"] = {"equal": checks["inputs_equal_sizes"]["result"],
                                      "different": checks["inputs_different_sizes"]["result"]}
@@ -327,6 +342,9 @@ def run_probe(backend, quick: bool = False) -> dict:
         a, b = _rand(rng, (SAFE_C, SAFE_W)), _rand(rng, (SAFE_C, s_b))
         checks[key] = _check(backend, two_input_program(dialect, SAFE_C, SAFE_W, s_b), {"a": a, "b": b},
                              a.astype(np.float32) + b[:, :SAFE_W].astype(np.float32), f"probe_{key}")
+    a, b = _rand(rng, (SAFE_C, SAFE_W)), _rand(rng, (SAFE_C, SAFE_W))
+    checks["io_order"] = _check(backend, io_order_program(dialect), {"a": a, "b": b},
+                                b.astype(np.float32) - a.astype(np.float32), "probe_io_order")
     for nbytes in SURFACE_SIZES:  # byte size varies, width fixed at 64
         checks[f"surface_{nbytes}"] = _double(backend, dialect, nbytes // 2 // SAFE_W, SAFE_W, f"probe_sz{nbytes}", rng)
     for w in WIDTHS:  # width varies, byte size fixed

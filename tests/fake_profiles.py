@@ -12,6 +12,10 @@
   outputs narrower than ``zero_width``, corrupted columns when the width is not a multiple of
   ``width_multiple``, zeros for a matmul contraction dim the (strict) profile flags.
 
+On every profile the fake binds a request's surfaces to the program's inputs and outputs in
+alphabetical order of their MIL names (docs/ane-rules.md#io-order); that lives in its evaluator,
+rustane/backends/ane/fake.py, since it decides which surface feeds which tensor.
+
 Everything the hook decides comes from the Profile's fields and the rule table, never from
 rustane's guards: the tests show the guards refuse these programs before the fake sees them.
 """

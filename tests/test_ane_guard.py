@@ -216,3 +216,58 @@ def test_train_cli_refuses_with_one_error_line_and_research_flag_allows(tmp_path
     p = subprocess.run(base[:-2] + ["--backend", "ane", "--research", "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode != 0 and "error:" in p.stderr
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_io_order_cannot_reach_training_every_kernel_has_one_input_and_one_output(name):
+    """docs/ane-rules.md#io-order is about requests with several inputs or outputs, bound in the
+    wrong order. Every kernel a preset trains with is rendered and parsed here: one input and one
+    output each, so no order exists to get wrong (the runtime refuses more, rustane/runtime/kernel_set.py)."""
+    from rustane import models, selfcheck
+    from rustane.mil.parser import parse
+
+    cfg = preset(name)
+    fam = models.family_for(cfg)
+    programs = selfcheck.render_plan(fam.plan_for(fam.kernel_shape(cfg, "fp16")))
+    assert len(programs) >= 8
+    for kernel, (text, _) in programs.items():
+        fn = parse(text).functions["main"]
+        assert (len(fn.params), len(fn.returns)) == (1, 1), (name, kernel)
+
+
+def test_the_probes_io_order_check_passes_on_name_order_and_fails_on_declaration_order():
+    """The probe's io-order program (docs/ane-rules.md#io-order) on the simulator, which binds by name
+    like the runtime: `ok`. A Mac binding in declaration order would hand the program a's data as
+    b and b's as a; fed that way the check must say `wrong`, or it could never catch such a Mac."""
+    import numpy as np
+
+    from rustane import probe
+    from rustane.backends import get
+
+    sim = get("sim", precision="fp16")
+    r = np.random.default_rng(0)
+    a = (r.standard_normal((probe.SAFE_C, probe.SAFE_W)) * 0.5).astype(np.float16)
+    b = (r.standard_normal((probe.SAFE_C, probe.SAFE_W)) * 0.5).astype(np.float16)
+    want = b.astype(np.float32) - a.astype(np.float32)
+    text = probe.io_order_program("ios18")
+    assert probe._check(sim, text, {"a": a, "b": b}, want, "io")["result"] == "ok"
+    assert probe._check(sim, text, {"a": b, "b": a}, want, "io")["result"] == "wrong"
+    assert probe.summarize_rules({"io_order": {"result": "wrong"}}, ["ios18"])["io-order"] == {"result": "wrong"}
+
+
+def test_the_documents_rule_to_test_table_names_real_tests_for_every_rule():
+    """docs/ane-rules.md says which test breaks each rule; a renamed or deleted test must show."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "ane-rules.md").read_text()
+    section = doc.split("## Which test breaks each rule", 1)[1].split("\n## ", 1)[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln}
+    assert set(rows) - {"rule"} == set(ane_rules.RULES)
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in root.glob("test_*.py")), re.M))
+    for rule, row in rows.items():
+        named = re.findall(r"`(test_\w+)`", row)
+        assert rule == "rule" or named, rule
+        missing = [n for n in named if n not in defined]
+        assert not missing, (rule, missing)

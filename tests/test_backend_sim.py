@@ -97,6 +97,12 @@ def test_request_validation_errors():
         k.request(ins, [small, outs[1]])
     with pytest.raises(TypeError, match="HostBuffer"):
         k.request([object(), ins[1]], outs)
+    # the declaration order (zeta, alpha): same shapes, so only the names tell (docs/ane-rules.md#io-order)
+    with pytest.raises(ValueError, match=r"input 0 is the buffer of 'zeta', but position 0 feeds 'alpha'.*"
+                                         r"io-order, see docs/ane-rules\.md#io-order"):
+        k.request([ins[1], ins[0]], outs)
+    with pytest.raises(ValueError, match=r"output 0 is the buffer of 'zz'.*kernel\.outputs \(aa, zz\)"):
+        k.request(ins, [outs[1], outs[0]])
     with pytest.raises(ValueError, match="bound as both input and output"):
         k.request(ins, [ins[0], outs[1]])
     with pytest.raises(ValueError, match="no input or output spec"):

@@ -203,3 +203,36 @@ def test_plot_without_matplotlib_says_how_to_get_it(smoke, tmp_path):
     else:
         assert p.returncode == 0, p.stderr
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_ratios_are_the_recorded_seconds_and_quiet_rounds_only(tmp_path):
+    # the sweep's ratios recomputed here from its own per-round records: wall ratios only from
+    # rounds where others used < QUIET_SHARE of the CPUs, CPU ratios against the 1-thread PyTorch step
+    from rustane.bench.sweep import QUIET_SHARE
+
+    out = tmp_path / "sweep.json"
+    p = _bench("sweep", "--preset", "tiny", "--rounds", "2", "--warmup", "0", "--out", out)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    d = doc["details"]
+    assert d["preset"] == "tiny" and d["ane_rules"] is True and len(d["per_round"]) == 2
+    for prec in ("fp32", "fp16"):
+        side = f"sim_{prec}"
+        cpu = [r["torch_1t"]["cpu_s"] / r[side]["cpu_s"] for r in d["per_round"]]
+        got = d["summary"][f"{side}_vs_torch_1t_cpu"]["values"]
+        assert got == pytest.approx(cpu, abs=1e-3)
+        quiet = [r["torch"]["wall_s"] / r[side]["wall_s"] for r in d["per_round"]
+                 if r["others_share"] is not None and r["others_share"] < QUIET_SHARE]
+        s = d["summary"][f"{side}_vs_torch_wall_quiet"]
+        assert s["n"] == len(quiet) and s.get("values", []) == pytest.approx(quiet, abs=1e-3)
+        name = f"sweep.tiny.s{d['seq_len']}.{side}_vs_torch.wall"
+        assert (name in doc["metrics"]) == bool(quiet)
+        m = doc["metrics"][f"sweep.tiny.s{d['seq_len']}.{side}_vs_torch_1t.cpu"]
+        assert m["kind"] == "ratio" and m["direction"] == "higher" and len(m["repeats"]) == 2
+
+
+def test_sweep_refuses_a_size_past_the_ane_rules_without_research():
+    p = _bench("sweep", "--preset", "stories15m", "--seq-len", "1024", "--rounds", "1")
+    assert p.returncode != 0
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error:"), p.stderr

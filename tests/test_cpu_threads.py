@@ -56,4 +56,33 @@ def test_step_limits_numpy_blas_and_restores_it():
     four = StepThreads(enabled=True, cpus=4)
     assert four.blas_threads == 3 and four._pool is None  # BLAS itself spreads over 3 cores
     assert four.describe() == {"applied": True, "cpus": 4, "numpy_blas_threads": 3,
-                               "numpy_blas_controlled": len(ctls), "split_helper": False}
+                               "numpy_blas_controlled": len(ctls), "split_helper": False,
+                               "sim_matmul_split": False}
+
+
+def test_sim_matmul_splitter_is_armed_only_inside_a_step_with_one_blas_thread():
+    # the split halves round like the whole call only at one BLAS thread (rustane/mil/split.py)
+    require_module("threadpoolctl", hint="pip install threadpoolctl")
+    if not _numpy_blas_controllers():
+        unavailable("numpy links no BLAS that threadpoolctl can control (e.g. Accelerate)")
+    from rustane.mil.split import Splitter
+
+    sp = Splitter()
+    th = StepThreads(enabled=True, cpus=2, splitter=sp)
+    try:
+        assert not sp.active
+        with th.step():
+            assert sp.active
+        assert not sp.active
+        with pytest.raises(RuntimeError):
+            with th.step():
+                raise RuntimeError("a failing step disarms it too")
+        assert not sp.active
+        assert th.describe()["sim_matmul_split"] is True
+    finally:
+        th.close()
+    for other in (StepThreads(enabled=True, cpus=4, splitter=sp), StepThreads(enabled=False, cpus=2, splitter=sp)):
+        with other.step():
+            assert not sp.active  # BLAS spreads itself (4 cores), or kernels are off the CPU
+        other.close()
+    sp.close()

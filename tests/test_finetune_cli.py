@@ -56,36 +56,104 @@ def _tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
-def test_sigkill_then_resume_is_bit_identical(model_and_data):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_sigkill_then_resume_is_bit_identical(model_and_data, kind):
     d = model_and_data
     steps = 40
-    _cli("rustane.finetune", *COMMON, "--steps", steps, "--save-every", 5, "--eval-every", 0,
-         "--adapter-path", "full", cwd=d)
+    extra = ("--fine-tune-type", "full", "--learning-rate", "1e-3") if kind == "full" else ()
+    straight, killed = f"straight-{kind}", f"killed-{kind}"
+    _cli("rustane.finetune", *COMMON, *extra, "--steps", steps, "--save-every", 5, "--eval-every", 0,
+         "--adapter-path", straight, cwd=d)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rustane.finetune", *COMMON, "--steps", str(steps), "--save-every",
-                             "5", "--eval-every", "0", "--adapter-path", "killed"], cwd=d, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rustane.finetune", *COMMON, *map(str, extra), "--steps", str(steps),
+                             "--save-every", "5", "--eval-every", "0", "--adapter-path", killed], cwd=d, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = d / "killed" / "checkpoints" / "step-00000005" / "trainer_state.json"
+    first = d / killed / "checkpoints" / "step-00000005" / "trainer_state.json"
     t0 = time.time()
     while not first.exists() and proc.poll() is None and time.time() - t0 < 300:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (d / "killed" / "checkpoints" / f"step-{steps:08d}").exists()
-    r = _cli("rustane.finetune", *COMMON, "--steps", steps, "--save-every", 5, "--eval-every", 0,
-             "--adapter-path", "killed", "--resume", cwd=d)
+    assert not (d / killed / "checkpoints" / f"step-{steps:08d}").exists()
+    r = _cli("rustane.finetune", *COMMON, *extra, "--steps", steps, "--save-every", 5, "--eval-every", 0,
+             "--adapter-path", killed, "--resume", cwd=d)
     assert "resumed from" in r.stderr
-    for f in ("adapter_model.safetensors", "optimizer.safetensors"):
-        a = _tensors(d / "full" / "checkpoints" / f"step-{steps:08d}" / f)
-        b = _tensors(d / "killed" / "checkpoints" / f"step-{steps:08d}" / f)
+    _assert_same_run(d / straight, d / killed, steps, kind)
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path, steps: int, kind: str) -> None:
+    """The last checkpoints of two runs hold the same bits (trained tensors, optimizer, state),
+    and the training moved the tensors."""
+    trained = "adapter_model.safetensors" if kind == "lora" else "trained.safetensors"
+    for f in (trained, "optimizer.safetensors"):
+        a = _tensors(a_dir / "checkpoints" / f"step-{steps:08d}" / f)
+        b = _tensors(b_dir / "checkpoints" / f"step-{steps:08d}" / f)
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), f
-    sa = json.loads((d / "full" / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())
-    sb = json.loads((d / "killed" / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())
+    sa = json.loads((a_dir / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())
+    sb = json.loads((b_dir / "checkpoints" / f"step-{steps:08d}" / "trainer_state.json").read_text())
+    assert Path(sa.pop("src")).name == Path(sb.pop("src")).name  # the model, named relatively or not
     assert sa == sb
-    # the adapters moved away from their start (B starts at zero)
-    assert any(np.abs(v).max() > 0 for k, v in _tensors(d / "full" / "adapter_model.safetensors").items()
-               if "lora_B" in k)
+    if kind == "lora":  # the adapters moved away from their start (B starts at zero)
+        assert any(np.abs(v).max() > 0 for k, v in _tensors(a_dir / "adapter_model.safetensors").items()
+                   if "lora_B" in k)
+    else:  # the trained weights differ from the model's
+        from rustane.formats import load_model
+        base, tuned = load_model(a_dir.parent / "m.gguf"), load_model(a_dir / "model")
+        assert any(not np.array_equal(base.tensors[k], tuned.tensors[k]) for k in base.tensors)
+
+
+def test_sigint_saves_a_checkpoint_atomically_and_resumes_bit_identically(model_and_data):
+    """Ctrl-C: the run stops at the next step boundary with a checkpoint (no temp folder left,
+    exit status 130, no traceback); --resume ends with the bits of an unbroken run."""
+    d = model_and_data
+    steps = 30
+    args = (*COMMON, "--steps", steps, "--save-every", 1000, "--eval-every", 0)
+    _cli("rustane.finetune", *args, "--adapter-path", "sigint-straight", cwd=d)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = d / "sigint-run"
+    proc = subprocess.Popen([sys.executable, "-m", "rustane.finetune", *map(str, args), "--adapter-path", str(out)],
+                            cwd=d, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 300 and proc.poll() is None:  # a few steps in (one line per step)
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("step-"), saved
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert 3 <= stopped_at < steps
+    # atomic: only finished folders, each complete (no temp names anywhere in the output)
+    assert not [p for p in out.rglob("*") if "tmp" in p.name], list(out.rglob("*"))
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert state["step"] == stopped_at
+    r = _cli("rustane.finetune", *args, "--adapter-path", out, "--resume", cwd=d)
+    assert f"at step {stopped_at}" in r.stderr
+    _assert_same_run(d / "sigint-straight", out, steps, "lora")
+
+
+def test_engine_finetune_is_the_cli(model_and_data, tmp_path):
+    """``Engine.finetune`` (scripts) runs the job of ``python -m rustane.finetune``: the same
+    settings give the same adapter and optimizer bits."""
+    from rustane.engine import Engine
+    d = model_and_data
+    _cli("rustane.finetune", *COMMON, "--steps", 6, "--save-every", 3, "--eval-every", 3, "--adapter-path",
+         tmp_path / "cli", cwd=d)
+    res = Engine.finetune(d / "m.gguf", d / "data.jsonl", backend="sim", precision="fp32", seq_len=32,
+                          lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", mask_prompt=True,
+                          learning_rate=5e-3, batch_size=4, steps=6, save_every=3, eval_every=3,
+                          adapter_path=tmp_path / "api")
+    assert [h.step for h in res["history"]] == list(range(1, 7)) and [s for s, _ in res["evals"]] == [0, 3, 6]
+    _assert_same_run(tmp_path / "cli", tmp_path / "api", 6, "lora")
+    cli_metrics = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_loss"] for m in cli_metrics if "val_loss" in m] == [v for _, v in res["evals"]]
+    with pytest.raises(ValueError, match="unknown fine-tuning settings lora_rnak"):
+        Engine.finetune(d / "m.gguf", d / "data.jsonl", lora_rnak=4)
 
 
 def test_config_file_with_flag_override(model_and_data, tmp_path):

@@ -8,6 +8,9 @@
 * ``check=True`` runs the ANE rule checker (``rustane.mil.check``) for ``target`` at compile
   time: errors raise ``MilCheckError`` (the ANE would reject or miscompute the program, so the
   simulator refuses it too); warnings are kept on ``kernel.diagnostics``.
+* ``split`` (default: when the process may use more than one CPU): big matmuls run half on a
+  helper thread, with the same bits as whole (``rustane.mil.split``); ``split=False`` keeps every
+  kernel on the calling thread.
 * ``io_dtype``: the dtype of the I/O buffers. ``None`` (default) follows the MIL signature, as
   the ANE does: fp16-declared inputs/outputs are fp16 buffers. In fp32 precision that means the
   program computes in fp32 from fp16-valued inputs and its outputs are rounded to fp16 once, on
@@ -52,6 +55,13 @@ def validate_buffers(kernel: Kernel, ins: Sequence[Buffer], outs: Sequence[Buffe
                     f"kernel.alloc(), got {type(b).__name__}"
                 )
             bs = b.spec
+            if bs.name != s.name and bs.name in {x.name for x in specs}:
+                raise ValueError(
+                    f"kernel {kernel.name!r} {what} {i} is the buffer of {bs.name!r}, but position {i} "
+                    f"feeds {s.name!r}: the ANE binds surfaces in alphabetical order of the MIL names "
+                    f"(io-order, see docs/ane-rules.md#io-order); pass the buffers in the order of "
+                    f"kernel.{what}s ({', '.join(x.name for x in specs)})"
+                )
             if tuple(bs.shape) != tuple(s.shape) or np.dtype(bs.dtype) != np.dtype(s.dtype):
                 raise ValueError(
                     f"kernel {kernel.name!r} {what} {i} ({s.name!r}) needs a {np.dtype(s.dtype).name} "
@@ -96,9 +106,10 @@ class SimRequest(Request):
 
 
 class SimKernel(Kernel):
-    def __init__(self, name: str, plan, io_dtype: str | None, diagnostics: list):
+    def __init__(self, name: str, plan, io_dtype: str | None, diagnostics: list, splitter=None):
         self.name = name
         self.plan = plan
+        self.splitter = splitter
         self.diagnostics = list(diagnostics)
         self.inputs = _specs(plan, plan.input_names, io_dtype)
         self.outputs = _specs(plan, plan.output_names, io_dtype)
@@ -119,7 +130,7 @@ class SimKernel(Kernel):
         validate_buffers(self, inputs, outputs)
         ins = {s.name: b._data for s, b in zip(self.inputs, inputs)}
         outs = {s.name: b._data for s, b in zip(self.outputs, outputs)}
-        return SimRequest(self.plan.bind(ins, outs))
+        return SimRequest(self.plan.bind(ins, outs, splitter=self.splitter))
 
     def close(self) -> None:
         self._closed = True
@@ -130,7 +141,7 @@ class SimBackend(Backend):
     runs_on_cpu = True
 
     def __init__(self, precision: str = "fp16", check: bool = True, target: str = "m4", io_dtype: str | None = None,
-                 ane_rules: bool = True):
+                 ane_rules: bool = True, split: bool | None = None):
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
         if io_dtype not in _IO_DTYPES:
@@ -145,6 +156,10 @@ class SimBackend(Backend):
         from rustane.mil.ane_rules import CONSERVATIVE
 
         self.ane_profile = CONSERVATIVE if ane_rules and precision == "fp16" else None
+        # big matmuls split over this thread and a helper (same bits; rustane/mil/split.py)
+        from rustane.mil import split as _split
+
+        self.splitter = (_split.default_splitter() if split is None else _split.Splitter() if split else None)
 
     def compile(self, mil_text: str, blobs: Mapping[str, bytes] | None = None, name: str = "") -> SimKernel:
         from rustane.mil.interp import compile_program
@@ -160,11 +175,13 @@ class SimBackend(Backend):
             if any(d.is_error for d in diagnostics):
                 raise MilCheckError(diagnostics, name or None)
         plan = compile_program(program, blobs or {}, self.precision)
-        return SimKernel(name or "main", plan, self.io_dtype, [d for d in diagnostics if not d.is_error])
+        return SimKernel(name or "main", plan, self.io_dtype, [d for d in diagnostics if not d.is_error],
+                         self.splitter)
 
     def __repr__(self) -> str:
         return (f"SimBackend(precision={self.precision!r}, check={self.check}, target={self.target!r}, "
-                f"io_dtype={self.io_dtype!r}, ane_rules={self.ane_profile is not None})")
+                f"io_dtype={self.io_dtype!r}, ane_rules={self.ane_profile is not None}, "
+                f"split={self.splitter is not None})")
 
 
 def unavailable_reason() -> str | None:

@@ -23,6 +23,7 @@ COMMANDS = {
     "compare": "compare",
     "plot": "plot",
     "finetune": "finetune",
+    "sweep": "sweep",
 }
 SUITES = ("ci", "smoke")  # rustane/bench/suite.py defines them
 

@@ -75,8 +75,9 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("uniform-io-sizes", "the inputs (and the outputs) of one request have equal byte sizes",
          "reported on M4 Max (Orion); maderix's multi-input tests used equal sizes", EVAL_ERROR,
          STATUS_PROGRAM_INFERENCE, "medium", "pack inputs into one tensor (every training kernel has one)"),
-    Rule("io-order", "inputs and outputs bind to surfaces in alphabetical order of their MIL names",
-         "reported on M4 Max (Orion)", SILENT_CORRUPTION, None, "medium", "bind in name order (the runtime does)"),
+    Rule("io-order", "a request's surfaces bind to the inputs (outputs) in alphabetical order of their MIL "
+         "names, not in declaration order", "reported on M4 Max, macOS 15 (Orion); a framework rule, kept for all",
+         SILENT_CORRUPTION, None, "medium", "pass buffers in the order of kernel.inputs / kernel.outputs"),
     Rule("cast-op", "cast does not compile", "M1/M2 (maderix PR#6, macOS 26.3)", COMPILE_ERROR,
          FAKE_COMPILE_REJECTED, "medium", "declare fp16 I/O and convert on the CPU"),
     Rule("matmul-op", "matmul (and SDPA) do not compile", "M1/M2 on macOS 26 (maderix PR#6)", COMPILE_ERROR,

@@ -53,11 +53,13 @@ __all__ = ["MilPlanError", "ValueInfo", "Plan", "Runner", "compile_program", "st
 class BindContext:
     """Handed to op builders at bind time: constness of inputs and pooled scratch memory."""
 
-    def __init__(self, plan: "Plan", node_index: int, consts: tuple[bool, ...]):
+    def __init__(self, plan: "Plan", node_index: int, consts: tuple[bool, ...], splitter=None):
         self._plan = plan
         self._node = node_index
         self._n = 0
         self.consts = consts
+        #: ``rustane.mil.split.Splitter`` for big matmuls, or None (everything on this thread)
+        self.splitter = splitter
 
     def scratch(self, shape: Sequence[int], dtype) -> np.ndarray:
         """A scratch array shared with every other binding of this plan (same op, same call)."""
@@ -109,11 +111,12 @@ class Plan:
         return self.values[name]
 
     # -- binding ------------------------------------------------------------------------
-    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Runner:
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], splitter=None) -> Runner:
         """Bind arrays: ``inputs``/``outputs`` map every function input/output name to an array
         with the same number of elements as the MIL type (any float dtype; it is converted on
         entry/exit when it differs from the storage dtype). Input arrays are read at each
-        ``run()``; output arrays are written. Arrays must be C-contiguous."""
+        ``run()``; output arrays are written. Arrays must be C-contiguous. ``splitter``
+        (``rustane.mil.split.Splitter``) lets big matmuls use a helper thread (same bits)."""
         steps: list = []
         arrays: dict[str, np.ndarray] = {}
         for name in self.input_names:
@@ -132,7 +135,7 @@ class Plan:
         direct = self._direct_outputs(outputs)
         for idx, node in enumerate(self.nodes):
             ins = [arrays[n] for n in node.inputs]
-            bctx = BindContext(self, idx, tuple(self.values[n].is_const for n in node.inputs))
+            bctx = BindContext(self, idx, tuple(self.values[n].is_const for n in node.inputs), splitter)
             info = self.values[node.name]
             if node.kind == "view":
                 v = node.make(ins, bctx)

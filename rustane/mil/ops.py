@@ -29,6 +29,7 @@ from rustane.array_views import memory_root, rows_view
 
 from . import ast as A
 from .plan import F16, F32, MilPlanError, Node, ValueInfo, literal_value, storage_dtype
+from .split import split_matmul
 
 BUILDERS: dict[str, Callable[["OpCompiler"], Node | ValueInfo]] = {}
 _REQUIRED = object()
@@ -789,10 +790,10 @@ def _matmul(c: OpCompiler):
                 ops_.append(a)
         xa, ya = _t(ops_[0], tx), _t(ops_[1], ty)
         if out.dtype.kind != "f" or out.dtype == F32:
-            steps.append(partial(np.matmul, xa, ya, out=out))
+            steps.append(split_matmul(bctx.splitter, xa, ya, out))
         else:
             acc = bctx.scratch(out.shape, F32)
-            steps.append(partial(np.matmul, xa, ya, out=acc))
+            steps.append(split_matmul(bctx.splitter, xa, ya, acc))
             steps.append(_cast_step(acc, out))
         return steps
 
@@ -818,7 +819,7 @@ def _linear(c: OpCompiler):
                 steps.append(refresh)
             f.append(a32)
         acc = out if out.dtype == F32 else bctx.scratch(out.shape, F32)
-        steps.append(partial(np.matmul, f[0], f[1].T, out=acc))
+        steps.append(split_matmul(bctx.splitter, f[0], f[1].T, acc))
         if len(f) == 3:
             steps.append(partial(np.add, acc, f[2], out=acc))
         if acc is not out:

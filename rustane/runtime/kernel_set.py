@@ -123,10 +123,11 @@ class KernelSet:
                 put(view, a, blocks[bname])
         self.timer.seconds["staging"] += time.perf_counter() - t0
 
-    def read(self, name: str, layer: int, *taps: str) -> list[np.ndarray]:
+    def read(self, name: str, layer: int, *taps: str, slot: int | None = None) -> list[np.ndarray]:
         """Taps of ``name``'s output for ``layer`` as fp32 arrays (for kernels with one shared
         output buffer, the layer still selects the workspace arrays: the dW queue holds them per
-        layer). The buffer and taps of each distinct call are resolved once, as in ``copy``."""
+        layer; ``slot``, from ``Workspace.backward_slot``, selects them instead). The buffer and
+        taps of each distinct call are resolved once, as in ``copy``."""
         key = (name, layer, taps)
         plan = self._read_plans.get(key)
         if plan is None:
@@ -135,7 +136,7 @@ class KernelSet:
             seq = self.plan[name].out_shape[3]
             plan = self._read_plans[key] = (self._out_at[name][layer], tl, tuple((t.c1 - t.c0, seq) for t in tl))
         buf, tl, shapes = plan
-        outs = self.ws.arrays(key, shapes)
+        outs = self.ws.arrays(key if slot is None else (name, ("slot", slot), taps), shapes)
         t0 = time.perf_counter()
         with buf.lock(readonly=True) as view:
             out = [get(view, t, o) for t, o in zip(tl, outs)]

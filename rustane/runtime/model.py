@@ -14,7 +14,8 @@ by :meth:`Model.params_changed`), which re-stages them: a loop cannot train on s
 Fine-tuning (docs/finetune.md) trains a subset: ``trainable`` names the parameters that get
 gradients (the others get none, and their dW is never computed); with ``keep_frozen=False`` the
 fp32 masters of frozen layer matrices are dropped once staged, layer by layer, so the staged
-buffers are their only copy.
+buffers are their only copy; ``ring=K`` keeps the backward's arrays for K layers instead of all
+(``Workspace``), for runs whose dW queue carries only small jobs.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Model:
     """Kernels, buffers, fp32 master weights and gradient accumulators of one model."""
 
     def __init__(self, cfg, backend, params: dict[str, np.ndarray] | None = None, *, seed: int = 0,
-                 trainable=None, keep_frozen: bool = True):
+                 trainable=None, keep_frozen: bool = True, ring: int | None = None):
         self.cfg = cfg.validate()
         self.family = models.family_for(cfg)  # the package that knows what is computed
         self.backend = backend
@@ -73,8 +74,11 @@ class Model:
         self.trainable = frozenset(self.params if trainable is None else trainable)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items() if k in self.trainable}
         self.queue = native.DWQueue()
-        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False))
-        self.ws = Workspace()
+        self.threads = cpu_threads.StepThreads(getattr(backend, "runs_on_cpu", False),
+                                               splitter=getattr(backend, "splitter", None))
+        # ring: backward arrays shared by every ``ring``-th layer, one set for all micro-steps
+        # (LoRA: the queue holds only small adapter jobs; rustane/runtime/workspace.py)
+        self.ws = Workspace() if ring is None else Workspace(ring=ring, sets=1)
         self.timer = PhaseTimer()
         self.kernels_set = KernelSet(self.plan, backend, cfg.n_layers, self.ws, self.timer)
         self.kernels = self.kernels_set.kernels
@@ -153,8 +157,13 @@ class Model:
     # ---- forward ---------------------------------------------------------------------------------
 
     def logits(self, tokens) -> np.ndarray:
-        """Forward only: logits ``[V, S]`` (fp32) for one sequence of exactly ``seq_len`` tokens."""
-        return self.math.logits(self._check_tokens(tokens, "tokens"))
+        """Forward only: logits ``[V, S]`` (fp32) for one sequence of exactly ``seq_len`` tokens.
+        Under the step's BLAS thread policy, like ``forward_backward``: numpy's own BLAS threads
+        spin-wait on a busy machine (a SmolLM2-135M forward of 40 tokens took 1.15 s instead of
+        ~0.3 s under load 3; ``pytest tests/test_finetune_real.py --durations=1`` shows it)."""
+        tokens = self._check_tokens(tokens, "tokens")
+        with self.threads.step():
+            return self.math.logits(tokens)
 
     def loss(self, tokens, targets) -> float:
         """Mean next-token cross-entropy of one sequence, forward only."""

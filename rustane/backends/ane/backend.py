@@ -189,10 +189,17 @@ def _check_binding(kernel: str, what: str, specs: Sequence[TensorSpec], bufs: Se
     if len(bufs) != len(specs):
         raise ValueError(f"{kernel}: {len(bufs)} {what} buffers given, the kernel has {len(specs)} "
                          f"({', '.join(s.name for s in specs)}, in name order)")
-    for spec, buf in zip(specs, bufs):
+    names = {s.name for s in specs}
+    for i, (spec, buf) in enumerate(zip(specs, bufs)):
         if not isinstance(buf, AneBuffer):
             raise TypeError(f"{kernel}: {what} {spec.name} must be a buffer from kernel.alloc() on the ane "
                             f"backend, got {type(buf).__name__}")
+        if buf.spec.name != spec.name and buf.spec.name in names:
+            # same shape or not, the ANE would feed this surface to spec.name: silent corruption
+            raise ValueError(f"{kernel}: {what} {i} is the buffer of {buf.spec.name!r}, but the ANE feeds "
+                             f"position {i} to {spec.name!r}: surfaces bind in alphabetical order of the MIL "
+                             f"names (io-order, see docs/ane-rules.md#io-order); pass the buffers in the "
+                             f"order of kernel.{what}s ({', '.join(s.name for s in specs)})")
         if buf.spec.shape != spec.shape or np.dtype(buf.spec.dtype) != np.dtype(spec.dtype):
             raise ValueError(f"{kernel}: {what} {spec.name} needs {spec.dtype} {spec.shape}, got buffer "
                              f"{buf.spec.name} {buf.spec.dtype} {buf.spec.shape}")

@@ -36,16 +36,23 @@ class _SimEvaluator:
         if len(inputs) != len(kernel.inputs) or len(outputs) != len(kernel.outputs):
             raise ValueError(f"request binds {len(inputs)} inputs / {len(outputs)} outputs, the program has "
                              f"{len(kernel.inputs)} / {len(kernel.outputs)}")
-        for raw, spec in zip(list(inputs) + list(outputs), kernel.inputs + kernel.outputs):
+        # Like the hardware (docs/ane-rules.md#io-order, Orion), the request's surfaces go to the
+        # program's inputs and outputs in alphabetical order of their MIL names, whatever order the
+        # text declares them in: surface i feeds the i-th name. A caller binding in declaration
+        # order gets inputs swapped and outputs read from the wrong surface, with no error.
+        in_specs = sorted(kernel.inputs, key=lambda s: s.name)
+        out_specs = sorted(kernel.outputs, key=lambda s: s.name)
+        for raw, spec in zip(list(inputs) + list(outputs), in_specs + out_specs):
             if raw.nbytes != spec.nbytes:
                 raise ValueError(f"surface for {spec.name} has {raw.nbytes} bytes, the MIL type needs {spec.nbytes}")
-        ins = [kernel.alloc(s) for s in kernel.inputs]
-        outs = [kernel.alloc(s) for s in kernel.outputs]
-        for buf, raw in zip(ins, inputs):
+        ins = {s.name: kernel.alloc(s) for s in in_specs}
+        outs = {s.name: kernel.alloc(s) for s in out_specs}
+        for spec, raw in zip(in_specs, inputs):
+            buf = ins[spec.name]
             buf.write(raw.view(buf.spec.dtype).reshape(buf.spec.view_shape))
-        kernel.eval(ins, outs)
-        for buf, raw in zip(outs, outputs):
-            raw[...] = np.ascontiguousarray(buf.read()).reshape(-1).view(np.uint8)
+        kernel.eval([ins[s.name] for s in kernel.inputs], [outs[s.name] for s in kernel.outputs])
+        for spec, raw in zip(out_specs, outputs):
+            raw[...] = np.ascontiguousarray(outs[spec.name].read()).reshape(-1).view(np.uint8)
 
 
 _evaluator_installed = False

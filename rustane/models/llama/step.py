@@ -82,6 +82,16 @@ class LlamaStep:
             self.rt.dw(g, dy, x)
         return None
 
+    def first_trained_layer(self) -> int:
+        """The lowest layer whose backward feeds a gradient: 0 when the embedding trains, else
+        the lowest layer with a trained parameter or an adapter (``n_layers`` if none)."""
+        if self._g_embed_in is not None:
+            return 0
+        for layer in range(self.cfg.n_layers):
+            if self._layer_grads[layer] or (self.lora is not None and self.lora.in_layer(layer)):
+                return layer
+        return self.cfg.n_layers
+
     def layer_grad(self, layer: int, name: str) -> np.ndarray:
         return self._layer_grads[layer][name]
 
@@ -99,29 +109,55 @@ class LlamaStep:
 
     # ---- forward ---------------------------------------------------------------------------------
 
-    def forward_layers(self, tokens: np.ndarray, keep: bool) -> tuple[np.ndarray, list[Saved]]:
+    def forward_layers(self, tokens: np.ndarray, keep: bool) -> tuple[np.ndarray, list[Saved | None]]:
+        """With a workspace ring (LoRA) nothing is kept: the backward reads x and x2 again from
+        the forward kernels' per-layer outputs and recomputes the norms (``saved_again``), so the
+        forward's fp32 arrays are one set for all layers."""
         cfg, ks, buf, cpu = self.cfg, self.ks, self.rt.ws.get, self.rt.timer.phase("cpu")
         D, S = cfg.dim, cfg.seq_len
+        ring = self.rt.ws.ring is not None
         with cpu:
             x = cpu_ops.embedding_forward(self.rt.params[P.EMBED], tokens, out=buf("x0", (D, S)))  # [D, S]
-        saved: list[Saved] = []
+        saved: list[Saved | None] = []
         for layer in range(cfg.n_layers):
             w = self._layer_params[layer]
+            at = "fwd" if ring else layer  # the workspace key of this layer's arrays
             with cpu:
                 xn, r1 = cpu_ops.rmsnorm_forward(x, w[P.ATTN_NORM], cfg.norm_eps,
-                                                 out=buf(("xn", layer), (D, S)), rrms=buf(("r1", layer), (S,)))
+                                                 out=buf(("xn", at), (D, S)), rrms=buf(("r1", at), (S,)))
             ks.stage("sdpaFwd", layer, xn=xn, x=x)
             ks.eval("sdpaFwd", layer)
-            (x2,) = ks.read("sdpaFwd", layer, "x2")
+            (x2,) = ks.read("sdpaFwd", layer, "x2", slot="fwd") if ring else ks.read("sdpaFwd", layer, "x2")
             with cpu:
                 x2n, r2 = cpu_ops.rmsnorm_forward(x2, w[P.FFN_NORM], cfg.norm_eps,
-                                                  out=buf(("x2n", layer), (D, S)), rrms=buf(("r2", layer), (S,)))
+                                                  out=buf(("x2n", at), (D, S)), rrms=buf(("r2", at), (S,)))
             ks.stage("ffnFused", layer, x2n=x2n, x2=x2)
             ks.eval("ffnFused", layer)
             if keep:
-                saved.append(Saved(x, xn, r1, x2, x2n, r2))
-            (x,) = ks.read("ffnFused", layer, "x_next")
+                saved.append(None if ring else Saved(x, xn, r1, x2, x2n, r2))
+            (x,) = (ks.read("ffnFused", layer, "x_next", slot="fwd") if ring
+                    else ks.read("ffnFused", layer, "x_next"))
         return x, saved
+
+    def saved_again(self, layer: int, slot) -> Saved:
+        """What ``forward_layers`` would have kept for ``layer``, rebuilt in its backward slot:
+        x and x2 read again from the kernels' outputs (the same values: those buffers are not
+        written until the next forward) and the norms recomputed by the same function on the
+        same inputs, so the backward sees the same bits."""
+        cfg, ks, buf = self.cfg, self.ks, self.rt.ws.get
+        D, S = cfg.dim, cfg.seq_len
+        w = self._layer_params[layer]
+        if layer == 0:
+            x = buf("x0", (D, S))
+        else:
+            (x,) = ks.read("ffnFused", layer - 1, "x_next", slot=slot)
+        (x2,) = ks.read("sdpaFwd", layer, "x2", slot=slot)
+        with self.rt.timer.phase("cpu"):
+            xn, r1 = cpu_ops.rmsnorm_forward(x, w[P.ATTN_NORM], cfg.norm_eps,
+                                             out=buf(("xn", ("slot", slot)), (D, S)), rrms=buf(("r1", ("slot", slot)), (S,)))
+            x2n, r2 = cpu_ops.rmsnorm_forward(x2, w[P.FFN_NORM], cfg.norm_eps, out=buf(("x2n", ("slot", slot)), (D, S)),
+                                              rrms=buf(("r2", ("slot", slot)), (S,)))
+        return Saved(x, xn, r1, x2, x2n, r2)
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Forward only: logits ``[V, S]`` (fp32)."""
@@ -163,7 +199,9 @@ class LlamaStep:
             dy = cpu_ops.rmsnorm_backward(dxf, x, params[P.FINAL_NORM], rf,
                                           self.grad_of(None, P.FINAL_NORM, params[P.FINAL_NORM]), dx=dxf)
 
-        for layer in reversed(range(cfg.n_layers)):
+        # below the lowest layer with something to train, the backward computes nothing that is
+        # used: stop there (LoRA or full fine-tuning of the last N blocks, frozen embedding)
+        for layer in reversed(range(self.first_trained_layer(), cfg.n_layers)):
             dy = self.backward_layer(layer, saved[layer], dy, alpha)
 
         if self._g_embed_in is not None:
@@ -171,9 +209,11 @@ class LlamaStep:
                 cpu_ops.embedding_backward(dy, tokens, self._g_embed_in)
         return loss
 
-    def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray,
+                    slot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Gradients of the rotated q/k -> of the projections Wq·xn, Wk·xn (in place): the RoPE
-        backward. A variant that transforms q/k between projection and RoPE extends this."""
+        backward. A variant that transforms q/k between projection and RoPE extends this (its
+        taps read into the layer's backward ``slot``, ``Workspace.backward_slot``)."""
         cfg = self.cfg
         with self.rt.timer.phase("cpu"):
             # scaled RoPE: the frequencies the kernels' cos/sin tables were built from
@@ -183,19 +223,23 @@ class LlamaStep:
                                        out=dk_rope)
         return dq, dk
 
-    def backward_layer(self, layer: int, s: Saved, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
+    def backward_layer(self, layer: int, s: Saved | None, dy: np.ndarray, alpha: np.float32) -> np.ndarray:
         """dy = dL/d(layer output) -> dL/d(layer input); queues this layer's dW sgemms."""
         cfg, ks, rt = self.cfg, self.ks, self.rt
         buf, dw, cpu = rt.ws.get, self.weight_grad, rt.timer.phase("cpu")
         w = self._layer_params[layer]
+        # this layer's backward arrays: its own, or a ring slot shared with other layers (LoRA)
+        slot = rt.ws.backward_slot(layer, cfg.n_layers, rt._wait_queue)
+        if s is None:
+            s = self.saved_again(layer, slot)
 
         # FFN: x_next = x2 + α·W2·(silu(W1·x2n) ⊙ W3·x2n)
-        df = np.multiply(dy, alpha, out=buf(("df", layer), dy.shape)) if alpha != 1 else dy
+        df = np.multiply(dy, alpha, out=buf(("df", slot), dy.shape)) if alpha != 1 else dy
         ks.stage("ffnBwdW2t", layer, df=df)
         ks.eval("ffnBwdW2t", layer)
         ks.copy("ffnBwdW13t", layer, (("ffnBwdW2t", 0, "dgate", "dgate"),
                                       ("ffnFused", layer, "h1", "h1"), ("ffnFused", layer, "h3", "h3")))
-        (gate,) = ks.read("ffnFused", layer, "gate")
+        (gate,) = ks.read("ffnFused", layer, "gate", slot=slot)
         extra = dw(layer, P.W2, df, gate)
         if extra is not None:  # the adapter's share of d(gate): the kernel multiplied by W2 only
             # read into layer 0's arrays: used here and now only (the dW queue never holds them)
@@ -203,7 +247,7 @@ class LlamaStep:
             dgate += extra
             ks.stage("ffnBwdW13t", layer, dgate=dgate)
         ks.eval("ffnBwdW13t", layer)
-        dx2n, dh1, dh3 = ks.read("ffnBwdW13t", layer, "dx2n", "dh1", "dh3")
+        dx2n, dh1, dh3 = ks.read("ffnBwdW13t", layer, "dx2n", "dh1", "dh3", slot=slot)
         for name, d in ((P.W1, dh1), (P.W3, dh3)):
             extra = dw(layer, name, d, s.x2n)
             if extra is not None:
@@ -215,10 +259,10 @@ class LlamaStep:
 
         # attention: x2 = x + α·Wo·attn(rope(Wq·xn), rope(Wk·xn), Wv·xn)
         # nothing writes dx2 after this point
-        dx2s = np.multiply(dx2, alpha, out=buf(("dx2s", layer), dx2.shape)) if alpha != 1 else dx2
+        dx2s = np.multiply(dx2, alpha, out=buf(("dx2s", slot), dx2.shape)) if alpha != 1 else dx2
         ks.stage("wotBwd", layer, dx2s=dx2s)
         ks.eval("wotBwd", layer)
-        (attn,) = ks.read("sdpaFwd", layer, "attn")
+        (attn,) = ks.read("sdpaFwd", layer, "attn", slot=slot)
         extra = dw(layer, P.WO, dx2s, attn)
         ks.copy("sdpaBwd1", 0, (("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope"),
                                 ("sdpaFwd", layer, "v", "v"), ("wotBwd", 0, "da", "da")))
@@ -230,22 +274,22 @@ class LlamaStep:
         ks.copy("sdpaBwd2", 0, (("sdpaBwd1", 0, "P", "P"), ("sdpaBwd1", 0, "dP", "dP"),
                                 ("sdpaFwd", layer, "q_rope", "q_rope"), ("sdpaFwd", layer, "k_rope", "k_rope")))
         ks.eval("sdpaBwd2", layer)
-        (dv,) = ks.read("sdpaBwd1", layer, "dv")
-        dq_r, dk_r = ks.read("sdpaBwd2", layer, "dq_rope", "dk_rope")
-        dq, dk = self.qk_backward(layer, dq_r, dk_r)
+        (dv,) = ks.read("sdpaBwd1", layer, "dv", slot=slot)
+        dq_r, dk_r = ks.read("sdpaBwd2", layer, "dq_rope", "dk_rope", slot=slot)
+        dq, dk = self.qk_backward(layer, dq_r, dk_r, slot)
         extras = [e for e in (dw(layer, P.WQ, dq, s.xn), dw(layer, P.WK, dk, s.xn), dw(layer, P.WV, dv, s.xn))
                   if e is not None]
         if self.is_mha:
             ks.stage("qkvBwd", layer, dq=dq, dk=dk, dv=dv)
             ks.eval("qkvBwd", layer)
-            (dxa,) = ks.read("qkvBwd", layer, "dx")
+            (dxa,) = ks.read("qkvBwd", layer, "dx", slot=slot)
         else:
             ks.stage("qBwd", layer, dq=dq)
             ks.eval("qBwd", layer)
             ks.stage("kvBwd", layer, dk=dk, dv=dv)
             ks.eval("kvBwd", layer)
-            (dxa,) = ks.read("qBwd", layer, "dxq")
-            (dxkv,) = ks.read("kvBwd", layer, "dxkv")
+            (dxa,) = ks.read("qBwd", layer, "dxq", slot=slot)
+            (dxkv,) = ks.read("kvBwd", layer, "dxkv", slot=slot)
             dxa += dxkv
         for e in extras:
             dxa += e

@@ -17,9 +17,10 @@ from rustane.models.qwen3.params import K_NORM, Q_NORM
 
 
 class Qwen3Step(LlamaStep):
-    def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dqn, dkn = super().qk_backward(layer, dq_rope, dk_rope)  # gradients of the normalised q, k
-        q_pre, k_pre = self.ks.read("sdpaFwd", layer, "q_pre", "k_pre")
+    def qk_backward(self, layer: int, dq_rope: np.ndarray, dk_rope: np.ndarray,
+                    slot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        dqn, dkn = super().qk_backward(layer, dq_rope, dk_rope, slot)  # gradients of the normalised q, k
+        q_pre, k_pre = self.ks.read("sdpaFwd", layer, "q_pre", "k_pre", slot=slot)
         w = self._layer_params[layer]
         gq, gk = self.grad_of(layer, Q_NORM, w[Q_NORM]), self.grad_of(layer, K_NORM, w[K_NORM])
         with self.rt.timer.phase("cpu"):
