@@ -102,6 +102,22 @@ def _ours(cfg, params, lcfg, adapters, x, y, w, precision="fp32"):
         model.close()
 
 
+def _peft_masked_loss_and_grads(ref, x, y, w):
+    """The masked loss computed independently of ours: PEFT's logits with only the positions that
+    carry loss kept, then autograd; returns the loss and the adapter gradients under our names."""
+    kept_logits, kept_targets = [], []
+    for r in range(len(x)):
+        lg = ref(torch.tensor(x[r][None], dtype=torch.long)).logits[0]
+        keep = torch.tensor(w[r] > 0)
+        kept_logits.append(lg[keep])
+        kept_targets.append(torch.tensor(y[r], dtype=torch.long)[keep])
+    loss = torch.nn.functional.cross_entropy(torch.cat(kept_logits), torch.cat(kept_targets))
+    loss.backward()
+    grads = {k.replace(".default.weight", ".weight"): p.grad.numpy() for k, p in ref.named_parameters()
+             if p.requires_grad}
+    return loss, grads
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_adapter_gradients_match_peft_autograd(name, tmp_path):
     cfg, layers = CONFIGS[name]
@@ -113,18 +129,8 @@ def test_adapter_gradients_match_peft_autograd(name, tmp_path):
     ref = _peft_model(cfg, params, lcfg, adapters, tmp_path)
     ref_logits = ref(torch.tensor(x[0][None], dtype=torch.long)).logits[0].detach().numpy()
     assert np.abs(logits - ref_logits).max() / np.abs(ref_logits).max() < 1e-5
-    # the masked loss computed independently: keep only the positions that carry loss
-    kept_logits, kept_targets = [], []
-    for r in range(len(x)):
-        lg = ref(torch.tensor(x[r][None], dtype=torch.long)).logits[0]
-        keep = torch.tensor(w[r] > 0)
-        kept_logits.append(lg[keep])
-        kept_targets.append(torch.tensor(y[r], dtype=torch.long)[keep])
-    ref_loss = torch.nn.functional.cross_entropy(torch.cat(kept_logits), torch.cat(kept_targets))
-    ref_loss.backward()
+    ref_loss, ref_grads = _peft_masked_loss_and_grads(ref, x, y, w)
     assert abs(loss - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    ref_grads = {k.replace(".default.weight", ".weight"): p.grad.numpy() for k, p in ref.named_parameters()
-                 if p.requires_grad}
     assert set(ref_grads) == set(grads)
     worst = 0.0
     for k, g in grads.items():
@@ -236,16 +242,7 @@ def test_fp16_adapter_gradients_match_peft_within_fp16_error(name, tmp_path):
     loss16, _, g16 = _ours(cfg, params, lcfg, adapters, x, y, w, precision="fp16")
     loss32, _, g32 = _ours(cfg, params, lcfg, adapters, x, y, w, precision="fp32")
     ref = _peft_model(cfg, params, lcfg, adapters, tmp_path)
-    kept_logits, kept_targets = [], []
-    for r in range(len(x)):
-        lg = ref(torch.tensor(x[r][None], dtype=torch.long)).logits[0]
-        keep = torch.tensor(w[r] > 0)
-        kept_logits.append(lg[keep])
-        kept_targets.append(torch.tensor(y[r], dtype=torch.long)[keep])
-    ref_loss = torch.nn.functional.cross_entropy(torch.cat(kept_logits), torch.cat(kept_targets))
-    ref_loss.backward()
-    ref_grads = {k.replace(".default.weight", ".weight"): p.grad.numpy() for k, p in ref.named_parameters()
-                 if p.requires_grad}
+    ref_loss, ref_grads = _peft_masked_loss_and_grads(ref, x, y, w)
     assert abs(loss16 - ref_loss.item()) <= 5e-3 * abs(ref_loss.item())
     err16 = {k: np.linalg.norm(g - ref_grads[k]) / np.linalg.norm(ref_grads[k]) for k, g in g16.items()}
     err32 = {k: np.linalg.norm(g - ref_grads[k]) / np.linalg.norm(ref_grads[k]) for k, g in g32.items()}
