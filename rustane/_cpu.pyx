@@ -53,6 +53,22 @@ cdef extern from "sim_ops.h":
     void rn_softmax_rows_f32(const float *x, Py_ssize_t x_row, float *out, Py_ssize_t out_row,
                              size_t rows, size_t n) nogil
 
+cdef extern from "sim_rows.h":
+    ctypedef struct rn_row_op:
+        int32_t op
+        int32_t dst
+        int32_t a
+        int32_t b
+    ctypedef struct rn_row_arg:
+        void *base
+        int32_t f16
+        int32_t width
+        Py_ssize_t col_stride
+        const int64_t *row_off
+    int rn_row_program(const rn_row_op *prog, size_t nops, const rn_row_arg *args, const int32_t *reg_width,
+                       size_t nregs, size_t row0, size_t row1, size_t n) nogil
+    float rn_pairwise_sum_f32(const float *x, size_t n) nogil
+
 _INT_MAX = 2**31 - 1
 
 
@@ -391,3 +407,127 @@ def silu_rows(x, out):
 def softmax_rows(x, out):
     """Softmax of each row of 2-D fp32 arrays [rows, n] with contiguous rows (out may be x)."""
     _rows_op(rn_softmax_rows_f32, x, out)
+
+
+# ---- fused fp16 row programs (csrc/sim_rows.h) ----------------------------------------------
+
+#: opcodes of csrc/sim_rows.h, by the names rustane/mil/fuse_rows.py uses
+ROW_OPS = {"load": 0, "store": 1, "add": 2, "sub": 3, "mul": 4, "real_div": 5, "reduce_sum": 6,
+           "softmax": 7, "silu": 8, "sigmoid": 9}
+
+
+cdef class RowProgram:
+    """A row program (csrc/sim_rows.h) bound to its operand buffers, checked once here so that
+    ``run(row0, row1)`` is a bare C call without the GIL.
+
+    ``ops``: int32 [nops, 4] rows (op, dst, a, b). ``args``: one (root, width, col_stride,
+    row_off) per operand: ``root`` a C-contiguous fp16/fp32 array that owns the memory,
+    ``row_off`` int64 [rows] element offsets into it. ``widths``: n or 1 per register."""
+
+    cdef rn_row_op *_ops
+    cdef rn_row_arg *_args
+    cdef int32_t *_widths
+    cdef size_t nops, nargs, nregs
+    cdef readonly size_t rows, n
+    cdef object _keep
+
+    def __cinit__(self, ops, args, widths, size_t rows, size_t n):
+        self._ops = NULL
+        self._args = NULL
+        self._widths = NULL
+        cdef cnp.ndarray O = _arr(ops, "ops", np.int32, (None, 4))
+        cdef cnp.ndarray W = _arr(np.asarray(widths, dtype=np.int32), "widths", np.int32, (None,))
+        self.nops, self.nargs, self.nregs = O.shape[0], len(args), W.shape[0]
+        self.rows, self.n = rows, n
+        self._ops = <rn_row_op *>malloc(sizeof(rn_row_op) * max(self.nops, 1))
+        self._args = <rn_row_arg *>malloc(sizeof(rn_row_arg) * max(self.nargs, 1))
+        self._widths = <int32_t *>malloc(sizeof(int32_t) * max(self.nregs, 1))
+        if self._ops == NULL or self._args == NULL or self._widths == NULL:
+            raise MemoryError("row program")
+        keep = []
+        cdef int32_t[:, :] ov = O
+        cdef int32_t[:] wv = W
+        cdef Py_ssize_t i
+        for i in range(<Py_ssize_t>self.nregs):
+            if wv[i] != 1 and <size_t>wv[i] != n:
+                raise ValueError(f"widths[{i}] = {wv[i]}: a register holds n = {n} values or 1")
+            self._widths[i] = wv[i]
+        stored = set()
+        for i in range(<Py_ssize_t>self.nargs):
+            root, width, col_stride, row_off = args[i]
+            if not isinstance(root, np.ndarray) or root.dtype not in (np.float16, np.float32):
+                raise TypeError(f"args[{i}]: root must be an fp16 or fp32 numpy array")
+            if not root.flags.c_contiguous:
+                raise ValueError(f"args[{i}]: root must be C-contiguous (the array owning the memory)")
+            if width != 1 and width != n:
+                raise ValueError(f"args[{i}]: width {width} must be n = {n} or 1")
+            R = _arr(row_off, f"args[{i}] row_off", np.int64, (rows,))
+            if rows:
+                span = (width - 1) * col_stride
+                lo = int(R.min()) + min(0, span)
+                hi = int(R.max()) + max(0, span)
+                if lo < 0 or hi >= root.size:
+                    raise ValueError(f"args[{i}]: offsets reach [{lo}, {hi}], outside the {root.size} elements of root")
+            keep.append((root, R))
+            self._args[i].base = cnp.PyArray_DATA(<cnp.ndarray>root)
+            self._args[i].f16 = 1 if root.dtype == np.float16 else 0
+            self._args[i].width = width
+            self._args[i].col_stride = col_stride
+            self._args[i].row_off = <const int64_t *>cnp.PyArray_DATA(R)
+        for i in range(<Py_ssize_t>self.nops):
+            op, dst, a, b = ov[i, 0], ov[i, 1], ov[i, 2], ov[i, 3]
+            if op < 0 or op > 9:
+                raise ValueError(f"ops[{i}]: unknown opcode {op}")
+            if op == 0 or op == 1:
+                if a < 0 or a >= <int32_t>self.nargs:
+                    raise ValueError(f"ops[{i}]: operand {a} out of range")
+                reg = dst if op == 0 else b
+                if reg < 0 or reg >= <int32_t>self.nregs:
+                    raise ValueError(f"ops[{i}]: register {reg} out of range")
+                if self._args[a].width != self._widths[reg]:
+                    raise ValueError(f"ops[{i}]: operand {a} has width {self._args[a].width}, register {reg} {self._widths[reg]}")
+                if op == 1:
+                    if not args[a][0].flags.writeable:
+                        raise ValueError(f"ops[{i}]: operand {a} is read-only")
+                    stored.add(a)
+            else:
+                for reg in (dst, a) + ((b,) if op <= 5 else ()):
+                    if reg < 0 or reg >= <int32_t>self.nregs:
+                        raise ValueError(f"ops[{i}]: register {reg} out of range")
+                if op == 6 and self._widths[dst] != 1:
+                    raise ValueError(f"ops[{i}]: a row sum writes a width-1 register")
+                if op <= 5 and self._widths[dst] != max(self._widths[a], self._widths[b]):
+                    raise ValueError(f"ops[{i}]: result register {dst} has the wrong width")
+                if op >= 7 and self._widths[dst] != self._widths[a]:
+                    raise ValueError(f"ops[{i}]: result register {dst} has the wrong width")
+                if dst == a or (op <= 5 and dst == b):
+                    raise ValueError(f"ops[{i}]: the result register must differ from the operands")
+            self._ops[i].op, self._ops[i].dst, self._ops[i].a, self._ops[i].b = op, dst, a, b
+        self._keep = keep
+
+    def __dealloc__(self):
+        free(self._ops)
+        free(self._args)
+        free(self._widths)
+
+    def run(self, size_t row0=0, row1=None):
+        """Run rows [row0, row1) (all rows by default); any split over threads gives the same bits."""
+        cdef size_t r1 = self.rows if row1 is None else row1
+        if r1 > self.rows or row0 > r1:
+            raise ValueError(f"rows [{row0}, {r1}) outside [0, {self.rows})")
+        cdef int rc
+        with nogil:
+            rc = rn_row_program(self._ops, self.nops, self._args, self._widths, self.nregs, row0, r1, self.n)
+        if rc != 0:
+            raise MemoryError("row program: no memory for its registers")
+
+
+def pairwise_sum(x):
+    """numpy's pairwise fp32 sum of a 1-D contiguous fp32 array (csrc/sim_rows.c; for tests)."""
+    cdef cnp.ndarray X = _arr(x, "x", np.float32, (None,))
+    cdef size_t n = X.shape[0]
+    cdef const float *p = <const float *>cnp.PyArray_DATA(X)
+    cdef float r
+    with nogil:
+        r = rn_pairwise_sum_f32(p, n)
+    return np.float32(r)

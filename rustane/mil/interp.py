@@ -38,6 +38,7 @@ not run concurrently. Kernel evaluation is synchronous, which is how the engine 
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -102,6 +103,7 @@ class Plan:
         self._pool: dict = {}  # scratch/intermediate arrays shared by all bindings
         self._default: tuple[dict, Runner] | None = None
         self._materialize_cache: frozenset | None = None
+        self._row_runs_cache: list | None = None
 
     # -- info ---------------------------------------------------------------------------
     def input_info(self, name: str) -> ValueInfo:
@@ -111,12 +113,15 @@ class Plan:
         return self.values[name]
 
     # -- binding ------------------------------------------------------------------------
-    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], splitter=None) -> Runner:
+    def bind(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], splitter=None,
+             fuse_rows: bool | None = None) -> Runner:
         """Bind arrays: ``inputs``/``outputs`` map every function input/output name to an array
         with the same number of elements as the MIL type (any float dtype; it is converted on
         entry/exit when it differs from the storage dtype). Input arrays are read at each
         ``run()``; output arrays are written. Arrays must be C-contiguous. ``splitter``
-        (``rustane.mil.split.Splitter``) lets big matmuls use a helper thread (same bits)."""
+        (``rustane.mil.split.Splitter``) lets big matmuls use a helper thread (same bits).
+        ``fuse_rows`` (default: on unless ``RUSTANE_FUSE_ROWS=0``) runs fp16 elementwise runs as
+        row programs (``rustane.mil.fuse_rows``; same bits, fewer passes)."""
         steps: list = []
         arrays: dict[str, np.ndarray] = {}
         for name in self.input_names:
@@ -133,10 +138,22 @@ class Plan:
             if info.is_const and not isinstance(info.const, str):
                 arrays[name] = info.const
         direct = self._direct_outputs(outputs)
+        run_of = {i: run for run in self._row_runs(fuse_rows) for i in run.members}
         for idx, node in enumerate(self.nodes):
+            info = self.values[node.name]
+            run = run_of.get(idx)
+            if run is not None:
+                # a fused run: its values get arrays only where read outside it, and its one
+                # step is bound at its last member (every outside reader comes later)
+                out = direct.get(node.name)
+                if out is None and node.name in run.escaping:
+                    out = self._pooled(("node", idx), info.shape, info.storage)
+                arrays[node.name] = out
+                if idx == run.members[-1]:
+                    steps.extend(self._bind_run(run, arrays, splitter))
+                continue
             ins = [arrays[n] for n in node.inputs]
             bctx = BindContext(self, idx, tuple(self.values[n].is_const for n in node.inputs), splitter)
-            info = self.values[node.name]
             if node.kind == "view":
                 v = node.make(ins, bctx)
                 if v is None or (node.name in self._materialize and not v.flags.c_contiguous):
@@ -169,6 +186,38 @@ class Plan:
             steps.append(_copier(dst, arrays[name]))
             bound_out[name] = dst
         return Runner(self, steps, bound_out)
+
+    def _row_runs(self, fuse_rows: bool | None) -> list:
+        if fuse_rows is None:
+            fuse_rows = os.environ.get("RUSTANE_FUSE_ROWS", "1") != "0"
+        if not fuse_rows or self.precision != "fp16":
+            return []
+        if self._row_runs_cache is None:
+            from . import fuse_rows as F
+            from .ops import _extension
+
+            cpu = _extension("_cpu")
+            ok = cpu is not None and hasattr(cpu, "RowProgram")
+            self._row_runs_cache = F.row_runs(self.nodes, self.values, set(self.output_names)) if ok else []
+        return self._row_runs_cache
+
+    def _bind_run(self, run, arrays: dict, splitter) -> list:
+        """The fused step of ``run``, or (an operand without a row layout) its members' own steps."""
+        from .fuse_rows import bind_run
+
+        step = bind_run(run, self.nodes, arrays, {n: arrays[n] for n in run.escaping}, splitter)
+        if step is not None:
+            return [step]
+        steps: list = []
+        for j in run.members:
+            node = self.nodes[j]
+            info = self.values[node.name]
+            if arrays[node.name] is None:
+                arrays[node.name] = self._pooled(("node", j), info.shape, info.storage)
+            bctx = BindContext(self, j, tuple(self.values[n].is_const for n in node.inputs), splitter)
+            made = node.make([arrays[n] for n in node.inputs], arrays[node.name], bctx)
+            steps.extend(made if isinstance(made, (list, tuple)) else [made])
+        return steps
 
     def _direct_outputs(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs a compute node can write in place of its pooled array (saving the final copy):

@@ -287,6 +287,19 @@ def _cast_step(src: np.ndarray, dst: np.ndarray) -> Callable:
     return fast or partial(np.copyto, dst, src, casting="unsafe")
 
 
+def whole_buffer_permutation(a: np.ndarray) -> np.ndarray | None:
+    """The fp16 buffer ``a`` is a non-contiguous permutation of (all of it, from its first
+    element), or None. ``_f32`` widens such an input into a strided fp32 view, which the native
+    row functions cannot take (the fusion pass asks the same question)."""
+    if a.dtype != F16 or a.flags.c_contiguous:
+        return None
+    root = memory_root(a)
+    if (root.dtype == F16 and root.flags.c_contiguous and root.size == a.size
+            and root.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
+        return root
+    return None
+
+
 def _f32(a: np.ndarray, bctx, i: int) -> tuple[np.ndarray, Callable | None]:
     """An fp32 version of input ``i``: the array itself, a one-off converted constant, or a
     scratch buffer plus the step that refreshes it each run."""
@@ -294,15 +307,13 @@ def _f32(a: np.ndarray, bctx, i: int) -> tuple[np.ndarray, Callable | None]:
         return a, None
     if bctx.consts[i]:
         return a.astype(F32), None
-    if a.dtype == F16 and not a.flags.c_contiguous:
-        root = memory_root(a)
-        if (root.dtype == F16 and root.flags.c_contiguous and root.size == a.size
-                and root.__array_interface__["data"][0] == a.__array_interface__["data"][0]):
-            # a transpose of a whole buffer: widen the buffer in memory order (natively) and
-            # view the fp32 copy with the same permutation (BLAS takes it transposed for free)
-            s = bctx.scratch(root.shape, F32)
-            view = np.lib.stride_tricks.as_strided(s, a.shape, tuple(2 * st for st in a.strides))
-            return view, _cast_step(root, s)
+    root = whole_buffer_permutation(a)
+    if root is not None:
+        # a transpose of a whole buffer: widen the buffer in memory order (natively) and
+        # view the fp32 copy with the same permutation (BLAS takes it transposed for free)
+        s = bctx.scratch(root.shape, F32)
+        view = np.lib.stride_tricks.as_strided(s, a.shape, tuple(2 * st for st in a.strides))
+        return view, _cast_step(root, s)
     s = bctx.scratch(a.shape, F32)
     return s, _cast_step(a, s)
 
@@ -463,7 +474,10 @@ def _fp32_unary(c: OpCompiler, f32fn: Callable[[np.ndarray, np.ndarray], None], 
             steps.append(_cast_step(o32, out))
         return steps
 
-    return c.node([x], dtype or x.dtype, x.shape, make)
+    node = c.node([x], dtype or x.dtype, x.shape, make)
+    if native:
+        node.meta = {"rows_fn": native}
+    return node
 
 
 def _sigmoid32_terms(x):
@@ -696,7 +710,9 @@ def _reduce(c: OpCompiler):
             steps.append(partial(np.true_divide, acc, dt.type(count), out=out, dtype=dt))
         return steps
 
-    return c.node([x], x.dtype, shape, make)
+    node = c.node([x], x.dtype, shape, make)
+    node.meta = {"axes": axes, "keep": keep}
+    return node
 
 
 @op("softmax")
@@ -729,7 +745,9 @@ def _softmax(c: OpCompiler):
 
         return step
 
-    return c.node([x], x.dtype, x.shape, make)
+    node = c.node([x], x.dtype, x.shape, make)
+    node.meta = {"axis": ax}
+    return node
 
 
 # ---------------------------------------------------------------------------------------

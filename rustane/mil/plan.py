@@ -84,6 +84,10 @@ class Node:
     kind: str
     make: Callable
     loc: A.Loc | None = None
+    #: what a fusion pass needs to know of the op beyond its inputs (rustane/mil/fuse_rows.py):
+    #: ``{"axis": a}`` for softmax, ``{"axes": ..., "keep": ...}`` for reductions, ``{"rows_fn":
+    #: name}`` for unary ops with a native row function
+    meta: dict | None = None
 
 
 def literal_value(lit: A.Literal, blobs: Mapping[str, bytes], st: A.Statement | None = None):
