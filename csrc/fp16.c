@@ -117,6 +117,20 @@ __attribute__((target("avx,f16c"))) static void f16c_to_f32(float *dst, const ui
     scalar_to_f32(dst + i, src + i, n - i);
 }
 
+__attribute__((target("avx,f16c"))) static void f16c_round(float *v, size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a = _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+        __m256 b = _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + i + 8), _MM_FROUND_TO_NEAREST_INT));
+        _mm256_storeu_ps(v + i, a);
+        _mm256_storeu_ps(v + i + 8, b);
+    }
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(v + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT)));
+    for (; i < n; i++) v[i] = bits_f32(scalar_f16_to_f32(scalar_f32_to_f16(f32_bits(v[i]))));
+}
+
 static int x86_has_f16c(void)
 {
     unsigned a, b, c, d;
@@ -163,6 +177,15 @@ static void neon_to_f32(float *dst, const uint16_t *src, size_t n)
     for (; i + 4 <= n; i += 4)
         vst1q_f32(dst + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
     scalar_to_f32(dst + i, src + i, n - i);
+}
+#endif
+
+#ifdef RUSTANE_HAVE_NEON
+static void neon_round(float *v, size_t n)
+{
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(v + i, vcvt_f32_f16(vcvt_f16_f32(vld1q_f32(v + i))));
+    for (; i < n; i++) v[i] = bits_f32(scalar_f16_to_f32(scalar_f32_to_f16(f32_bits(v[i]))));
 }
 #endif
 
@@ -232,5 +255,20 @@ void rustane_f16_to_f32(float *dst, const uint16_t *src, size_t n)
     case RUSTANE_SIMD_NEON: neon_to_f32(dst, src, n); return;
 #endif
     default: scalar_to_f32(dst, src, n); return;
+    }
+}
+
+void rustane_round_f16(float *v, size_t n)
+{
+    switch (rustane_simd_current()) {
+#ifdef RUSTANE_HAVE_X86
+    case RUSTANE_SIMD_F16C: f16c_round(v, n); return;
+#endif
+#ifdef RUSTANE_HAVE_NEON
+    case RUSTANE_SIMD_NEON: neon_round(v, n); return;
+#endif
+    default:
+        for (size_t i = 0; i < n; i++) v[i] = bits_f32(scalar_f16_to_f32(scalar_f32_to_f16(f32_bits(v[i]))));
+        return;
     }
 }

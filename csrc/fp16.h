@@ -28,6 +28,10 @@ const char *rustane_simd_name(rustane_simd path);
 void rustane_f32_to_f16(uint16_t *dst, const float *src, size_t n);
 void rustane_f16_to_f32(float *dst, const uint16_t *src, size_t n);
 
+/* v[i] = the fp16 value nearest v[i] (same rounding as a round trip through rustane_f32_to_f16),
+ * in place and in registers: one pass instead of two, no fp16 buffer. */
+void rustane_round_f16(float *v, size_t n);
+
 /* Single-element portable conversions (the reference semantics of every path). */
 uint16_t rustane_f32_to_f16_one(float x);
 float rustane_f16_to_f32_one(uint16_t h);

@@ -1,6 +1,7 @@
 /* Fused fp16 row programs; see sim_rows.h for the contract and the numerics argument. */
 #include "sim_rows.h"
 #include "fp16.h"
+#include "fastmath.h"
 #include "sim_ops.h"
 
 #include <stdlib.h>
@@ -9,6 +10,7 @@
  * uses on a contiguous row (tests/test_sim_rows.py compares bit for bit against numpy). */
 enum { PW_BLOCK = 128 };
 
+RN_SIMD_CLONES
 float rn_pairwise_sum_f32(const float *x, size_t n)
 {
     if (n < 8) {
@@ -32,13 +34,9 @@ float rn_pairwise_sum_f32(const float *x, size_t n)
 }
 
 /* fp32 -> fp16 -> fp32: the value an fp16 tensor would hold. */
-static void round16(float *v, uint16_t *tmp, size_t n)
-{
-    rustane_f32_to_f16(tmp, v, n);
-    rustane_f16_to_f32(v, tmp, n);
-}
+static void round16(float *v, size_t n) { rustane_round_f16(v, n); }
 
-static void load(float *dst, const rn_row_arg *g, size_t r, size_t w, uint16_t *tmp)
+static inline void load(float *dst, const rn_row_arg *g, size_t r, size_t w, uint16_t *tmp)
 {
     const int64_t off = g->row_off[r];
     if (g->f16) {
@@ -55,7 +53,7 @@ static void load(float *dst, const rn_row_arg *g, size_t r, size_t w, uint16_t *
     }
 }
 
-static void store(const rn_row_arg *g, size_t r, const float *v, size_t w, uint16_t *tmp)
+static inline void store(const rn_row_arg *g, size_t r, const float *v, size_t w, uint16_t *tmp)
 {
     const int64_t off = g->row_off[r];
     if (g->f16) {
@@ -84,7 +82,7 @@ static void store(const rn_row_arg *g, size_t r, const float *v, size_t w, uint1
     else                                                                                 \
         out[0] = a[0] OP b[0];
 
-static void binary(int op, float *restrict out, const float *a, size_t wa, const float *b, size_t wb,
+static inline void binary(int op, float *restrict out, const float *a, size_t wa, const float *b, size_t wb,
                    size_t w)
 {
     switch (op) {
@@ -95,6 +93,7 @@ static void binary(int op, float *restrict out, const float *a, size_t wa, const
     }
 }
 
+RN_SIMD_CLONES
 int rn_row_program(const rn_row_op *prog, size_t nops, const rn_row_arg *args, const int32_t *reg_width,
                    size_t nregs, size_t row0, size_t row1, size_t n)
 {
@@ -121,26 +120,26 @@ int rn_row_program(const rn_row_op *prog, size_t nops, const rn_row_arg *args, c
                 break;
             case RN_ROW_SUM:
                 d[0] = rn_pairwise_sum_f32(regs + (size_t)p->a * n, (size_t)reg_width[p->a]);
-                round16(d, tmp, 1);
+                round16(d, 1);
                 break;
             case RN_ROW_SOFTMAX:
                 rn_softmax_rows_f32(regs + (size_t)p->a * n, 0, d, 0, 1, wd);
-                round16(d, tmp, wd);
+                round16(d, wd);
                 break;
             case RN_ROW_SILU:
                 rn_silu_f32(regs + (size_t)p->a * n, 0, d, 0, 1, wd);
-                round16(d, tmp, wd);
+                round16(d, wd);
                 break;
             case RN_ROW_SIGMOID:
                 rn_sigmoid_f32(regs + (size_t)p->a * n, 0, d, 0, 1, wd);
-                round16(d, tmp, wd);
+                round16(d, wd);
                 break;
             default:
                 /* the compiler (rustane/mil/fuse_rows.py) gives every value its own register,
                  * so d never aliases an operand */
                 binary(p->op, d, regs + (size_t)p->a * n, (size_t)reg_width[p->a],
                        regs + (size_t)p->b * n, (size_t)reg_width[p->b], wd);
-                round16(d, tmp, wd);
+                round16(d, wd);
                 break;
             }
         }

@@ -1,4 +1,4 @@
-"""csrc/cpu_ops.c and csrc/sim_ops.c as a Mac runs them: cross-compiled for arm64 (no AVX2 clones,
+"""csrc/cpu_ops.c, csrc/sim_ops.c and csrc/sim_rows.c as a Mac runs them: cross-compiled for arm64 (no AVX2 clones,
 NEON-width vectorisation, the same -fno-math-errno), run under qemu-aarch64 with several threads.
 ISO C keeps FMA contraction off, so every element takes the same operations as on this x86 build:
 the arm64 results must equal the installed extension's bit for bit."""
@@ -14,7 +14,7 @@ from rustane import cpu_ops as cpu  # the installed extension: the x86 side of t
 
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory):
-    return build_driver(tmp_path_factory.mktemp("arm64cpu"), "cpu_driver", ["cpu_ops.c", "sim_ops.c"],
+    return build_driver(tmp_path_factory.mktemp("arm64cpu"), "cpu_driver", ["cpu_ops.c", "sim_ops.c", "sim_rows.c", "fp16.c"],
                         ["-O3", "-fno-math-errno", "-pthread"])
 
 
@@ -71,3 +71,21 @@ def test_adamw_tensors_and_sumsq(drive, threads):
         same_bits(got, exp)
     s = np.frombuffer(drive("sumsq", threads, data=w.tobytes()), np.float64)[0]
     assert s == cpu.sumsq_tensors([w], threads=1)
+
+
+def test_row_program_rounds_like_x86(drive):
+    """The fused sdpaBwd2 row program (NEON fp16 rounding, arm64 pairwise sum) against numpy's
+    unfused ops on this machine: each op widened, computed in fp32, rounded to fp16."""
+    r = np.random.default_rng(5)
+    rows, n = 50, 1000
+    p = (r.random((rows, n)) * 0.01).astype(np.float16)
+    dp = (r.standard_normal((rows, n)) * 3).astype(np.float16)
+    dp[0, :3] = [np.inf, 6e4, 3e-6]  # overflow, an fp16 subnormal
+    out = np.frombuffer(drive("rowsds", n, data=p.tobytes() + dp.tobytes()), np.float16).reshape(rows, n)
+    f32, r16 = np.float32, (lambda a: a.astype(np.float16).astype(np.float32))  # noqa: E731
+    pdp = r16(p.astype(f32) * dp.astype(f32))
+    rs = r16(np.add.reduce(pdp, axis=1, keepdims=True))
+    want = (r16(r16(p.astype(f32) * r16(dp.astype(f32) - rs))) * f32(0.125)).astype(np.float16)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(nan, np.isnan(out))
+    np.testing.assert_array_equal(out[~nan].view(np.uint16), want[~nan].view(np.uint16))

@@ -284,6 +284,27 @@ def check_sim_row_ops() -> None:
     raises(ValueError, cpu_ops.sigmoid, wide.T)
 
 
+def check_row_programs() -> None:
+    """The fused fp16 row programs (csrc/sim_rows.c): a run over a row split, and refused programs
+    (their half-built C structs must be freed)."""
+    from rustane import _cpu
+
+    rows, n = 33, 70
+    x = f32(rows, n).astype(np.float16)
+    out = np.zeros((rows, n), np.float16)
+    off = np.arange(rows, dtype=np.int64) * n
+    code = _cpu.ROW_OPS
+    ops = np.array([(code["load"], 0, 0, 0), (code["softmax"], 1, 0, 0), (code["mul"], 2, 1, 0),
+                    (code["reduce_sum"], 3, 2, 0), (code["sub"], 4, 2, 3), (code["store"], 0, 1, 4)], np.int32)
+    prog = _cpu.RowProgram(ops, [(x, n, 1, off), (out, n, 1, off)], [n, n, n, 1, n], rows, n)
+    prog.run(10, rows)
+    prog.run(0, 10)
+    assert np.isfinite(out.astype(np.float32)).all()
+    raises(ValueError, _cpu.RowProgram, ops, [(x, n, 1, off + 1), (out, n, 1, off)], [n, n, n, 1, n], rows, n)
+    raises(ValueError, prog.run, 0, rows + 1)
+    assert np.float32(_cpu.pairwise_sum(np.arange(1000, dtype=np.float32))) == np.add.reduce(np.arange(1000, dtype=np.float32))
+
+
 # ---- a short training run through everything at once -------------------------------------------
 
 def check_training() -> None:
@@ -308,6 +329,7 @@ def main() -> None:
     check_staging()
     check_dw_queue()
     check_cpu_ops()
+    check_row_programs()
     check_training()
     print(f"conversion paths exercised: {', '.join(paths)}")
     print("exercise_native: all checks passed")
