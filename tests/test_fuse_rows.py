@@ -20,7 +20,6 @@ from rustane.config import preset
 from rustane.kernels import plan_for, render
 from rustane.mil.interp import compile_program
 from rustane.mil.parser import parse
-from rustane.mil.split import Splitter
 from rustane.model import kernel_shape
 
 _cpu = pytest.importorskip("rustane._cpu")
@@ -48,13 +47,6 @@ def _run(plan, ins, fuse, splitter=None):
     plan.bind(ins, outs, splitter=splitter, fuse_rows=fuse).run()
     return outs
 
-
-@pytest.fixture(scope="module")
-def splitter():
-    sp = Splitter()
-    sp.active = True
-    yield sp
-    sp.close()
 
 
 @pytest.mark.parametrize("name,seq", CASES)

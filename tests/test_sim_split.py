@@ -32,13 +32,6 @@ CASES = [(p, 256) for p in ("stories15m", "stories42m", "stories110m", "smollm2-
 CASES.append(("stories15m", 1024))
 
 
-@pytest.fixture
-def splitter():
-    sp = Splitter()
-    sp.active = True
-    yield sp
-    sp.close()
-
 
 @pytest.mark.parametrize("name,seq", CASES)
 def test_split_rows_are_bit_identical_to_the_whole_matmul(name, seq, splitter):
