@@ -26,10 +26,16 @@ import sys
 import time
 
 SUITES = {
-    # the gate's set: ~1 s of CPU per round; 13 rounds keep the median steady on a loaded machine
-    "ci": {"preset": "stories15m", "seq_len": 256, "rounds": 13, "retries": 3, "warmup": 3, "null_steps": 5},
+    # the gate's set: ~1 s of CPU per round; 13 rounds keep the median steady on a loaded machine.
+    # "long": sim fp16 again at a long sequence (a research size past the ANE rules, simulator
+    # only), where the S x S element-wise work of attention dominates: losing the fp16 row programs
+    # (rustane/mil/fuse_rows.py) costs ~5 % at seq 256, inside the tolerance, and +19-23 % in sgemm
+    # units here (RUSTANE_FUSE_ROWS=0 python -m rustane.bench --suite ci; docs/benchmarks.md)
+    "ci": {"preset": "stories15m", "seq_len": 256, "rounds": 13, "retries": 3, "warmup": 3, "null_steps": 5,
+           "long": {"seq_len": 1024, "rounds": 7, "retries": 2, "warmup": 2}},
     # the same measurements at the tiny preset in seconds: for tests of the machinery, not a gate
-    "smoke": {"preset": "tiny", "seq_len": 192, "rounds": 3, "retries": 0, "warmup": 1, "null_steps": 1},
+    "smoke": {"preset": "tiny", "seq_len": 192, "rounds": 3, "retries": 0, "warmup": 1, "null_steps": 1,
+              "long": {"seq_len": 384, "rounds": 2, "retries": 0, "warmup": 0}},
 }
 _ONE_THREAD = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
@@ -158,6 +164,8 @@ def _child(name: str, backend: str) -> int:
     mets.append(M.metric("ci.sgemm.gflops_1thread", [sgemm_flops / r["sgemm"] / 1e9 for r in rounds], "GFLOP/s",
                          "higher", "absolute", cont))
     mets += _conversion_metrics(M)
+    long_mets, long_details = _long_context_metrics(M, spec, inject)
+    mets += long_mets
     ane = _ane_metrics(M, cfg, batch, spec, tag) if backend == "ane" else None
     if ane is not None:
         mets += ane[0]
@@ -167,12 +175,54 @@ def _child(name: str, backend: str) -> int:
     details = {"suite": spec, "pinned_cpu": cpu, "inject_slowdown": inject, "sides": summaries, "null": null,
                "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds],
                "round_records": [r["_repeats"] for r in rounds], "numpy": np.__version__,
-               "torch": torch.__version__}
+               "torch": torch.__version__, "long": long_details}
     if ane is not None:
         details["ane"] = ane[1]
     doc = M.document("suite", mets, details, backend=backend, suite=name)
     sys.stdout.write(json.dumps(doc))
     return 0
+
+
+def _long_context_metrics(M, spec: dict, inject: float) -> tuple[list[dict], dict | None]:
+    """The fp16 simulator against PyTorch eager at ``spec["long"]["seq_len"]``, CPU seconds per
+    interleaved round, like the main part (same pinned CPU, one thread each)."""
+    long = spec.get("long")
+    if not long:
+        return [], None
+    from rustane.bench.train import EngineSide, TorchSide, _batch
+    from rustane.config import preset
+
+    cfg = preset(spec["preset"], seq_len=long["seq_len"])
+    batch = _batch(cfg, 1)
+    sides: dict = {}
+    try:
+        sides["sim_fp16"] = EngineSide(cfg, "sim", "fp16", batch, 32, ane_rules=False)
+        sides["torch_eager_fp32"] = TorchSide(cfg, batch)
+        fns = {k: s.step for k, s in sides.items()}
+        fns["sgemm"] = _sgemm_yardstick()[0]
+        for _ in range(long["warmup"]):
+            for f in fns.values():
+                f()
+        rounds = M.interleaved(fns, long["rounds"], clock="cpu", retries=long["retries"],
+                               burn={"sim_fp16": inject} if inject else None)
+        summaries = {k: s.summary(long["warmup"]) for k, s in sides.items()}
+    finally:
+        for s in sides.values():
+            s.close()
+    tag = f"ci.train.{spec['preset']}.s{long['seq_len']}"
+    cont = [r["_contended"] for r in rounds]
+    mets = [M.ratio_metric(f"{tag}.sim_fp16_vs_torch", rounds, "torch_eager_fp32", "sim_fp16", "x", "higher",
+                           vs="torch_eager_fp32",
+                           note="tokens/s ratio sim fp16 / PyTorch eager (1 thread) at a long sequence, CPU seconds"),
+            M.ratio_metric(f"{tag}.sim_fp16_in_sgemm_units", rounds, "sim_fp16", "sgemm", "sgemm", "lower",
+                           vs="sgemm yardstick",
+                           note="CPU time of one long-sequence step over one fixed single-thread sgemm, per round")]
+    for k in ("sim_fp16", "torch_eager_fp32"):
+        mets.append(M.metric(f"{tag}.{k}.cpu_ms_per_step", [1e3 * r[k] for r in rounds], "ms", "lower",
+                             "absolute", cont))
+    details = {"seq_len": long["seq_len"], "sides": summaries,
+               "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds]}
+    return mets, details
 
 
 def _conversion_metrics(M) -> list[dict]:

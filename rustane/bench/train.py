@@ -38,11 +38,11 @@ def _batch(cfg, accum: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 class EngineSide:
     """An engine kept open across repeats; ``step()`` runs one optimizer step on the batch."""
 
-    def __init__(self, cfg, backend: str, precision: str, batch, steps: int):
+    def __init__(self, cfg, backend: str, precision: str, batch, steps: int, ane_rules: bool = True):
         from rustane.engine import Engine, TrainConfig
 
         self.batch = batch
-        self.eng = Engine(cfg, backend=backend, precision=precision, seed=0,
+        self.eng = Engine(cfg, backend=backend, precision=precision, seed=0, ane_rules=ane_rules,
                           train=TrainConfig(steps=steps + 8, warmup=1, lr=1e-4, accum=len(batch[0])))
         self.hist: list = []
 
