@@ -128,39 +128,18 @@ def _child(name: str, backend: str) -> int:
     inject = float(os.environ.get("RUSTANE_BENCH_INJECT_SLOWDOWN", "0") or 0)
     cfg = preset(spec["preset"], seq_len=spec["seq_len"])
     batch = _batch(cfg, 1)
-    sides: dict = {}
     import torch
 
     torch.set_num_threads(1)
-    try:
-        sides["sim_fp32"] = EngineSide(cfg, "sim", "fp32", batch, 64)
-        sides["sim_fp16"] = EngineSide(cfg, "sim", "fp16", batch, 64)
-        sides["torch_eager_fp32"] = TorchSide(cfg, batch)
-        sgemm, sgemm_flops = _sgemm_yardstick()
-        fns = {k: s.step for k, s in sides.items()}
-        fns["sgemm"] = sgemm
-        for _ in range(spec["warmup"]):
-            for f in fns.values():
-                f()
-        burn = {"sim_fp32": inject, "sim_fp16": inject} if inject else None
-        rounds = M.interleaved(fns, spec["rounds"], clock="cpu", retries=spec["retries"], burn=burn)
-        summaries = {k: s.summary(spec["warmup"]) for k, s in sides.items()}
-    finally:
-        for s in sides.values():
-            s.close()
+    sgemm, sgemm_flops = _sgemm_yardstick()
+    rounds, summaries = _interleave_steps(
+        M, {"sim_fp32": lambda: EngineSide(cfg, "sim", "fp32", batch, 64),
+            "sim_fp16": lambda: EngineSide(cfg, "sim", "fp16", batch, 64),
+            "torch_eager_fp32": lambda: TorchSide(cfg, batch)},
+        sgemm, spec, inject)
     tag = f"ci.train.{spec['preset']}.s{spec['seq_len']}"
     cont = [r["_contended"] for r in rounds]
-    mets = []
-    for prec in ("fp32", "fp16"):
-        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_vs_torch", rounds, "torch_eager_fp32", f"sim_{prec}", "x",
-                                   "higher", vs="torch_eager_fp32",
-                                   note="tokens/s ratio sim / PyTorch eager (1 thread), CPU seconds per round"))
-        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_in_sgemm_units", rounds, f"sim_{prec}", "sgemm", "sgemm",
-                                   "lower", vs="sgemm yardstick",
-                                   note="CPU time of one step over one fixed single-thread sgemm, per round"))
-    for k in ("sim_fp32", "sim_fp16", "torch_eager_fp32"):
-        mets.append(M.metric(f"{tag}.{k}.cpu_ms_per_step", [1e3 * r[k] for r in rounds], "ms", "lower",
-                             "absolute", cont))
+    mets = _step_metrics(M, tag, rounds, ("fp32", "fp16"))
     mets.append(M.metric("ci.sgemm.gflops_1thread", [sgemm_flops / r["sgemm"] / 1e9 for r in rounds], "GFLOP/s",
                          "higher", "absolute", cont))
     mets += _conversion_metrics(M)
@@ -183,6 +162,47 @@ def _child(name: str, backend: str) -> int:
     return 0
 
 
+def _interleave_steps(M, make_sides: dict, sgemm, part: dict, inject: float) -> tuple[list[dict], dict]:
+    """Build the training sides (``make_sides``: name -> a factory of an EngineSide/TorchSide, built
+    in order, and those built closed again if a later one fails), warm them up,
+    run ``part["rounds"]`` interleaved rounds of them and the sgemm yardstick in CPU seconds, and
+    close them. ``inject`` burns that fraction extra inside each simulator side's measurement.
+    Returns the rounds and each side's summary."""
+    sides: dict = {}
+    try:
+        for k, make in make_sides.items():
+            sides[k] = make()
+        fns = {k: s.step for k, s in sides.items()}
+        fns["sgemm"] = sgemm
+        for _ in range(part["warmup"]):
+            for f in fns.values():
+                f()
+        burn = {k: inject for k in sides if k.startswith("sim_")} if inject else None
+        rounds = M.interleaved(fns, part["rounds"], clock="cpu", retries=part["retries"], burn=burn)
+        return rounds, {k: s.summary(part["warmup"]) for k, s in sides.items()}
+    finally:
+        for s in sides.values():
+            s.close()
+
+
+def _step_metrics(M, tag: str, rounds: list[dict], precisions: tuple[str, ...]) -> list[dict]:
+    """Per precision the gated ratios (against PyTorch eager, and in sgemm units), then every
+    side's CPU ms/step (reported, not gated)."""
+    cont = [r["_contended"] for r in rounds]
+    mets = []
+    for prec in precisions:
+        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_vs_torch", rounds, "torch_eager_fp32", f"sim_{prec}", "x",
+                                   "higher", vs="torch_eager_fp32",
+                                   note="tokens/s ratio sim / PyTorch eager (1 thread), CPU seconds per round"))
+        mets.append(M.ratio_metric(f"{tag}.sim_{prec}_in_sgemm_units", rounds, f"sim_{prec}", "sgemm", "sgemm",
+                                   "lower", vs="sgemm yardstick",
+                                   note="CPU time of one step over one fixed single-thread sgemm, per round"))
+    for k in [f"sim_{p}" for p in precisions] + ["torch_eager_fp32"]:
+        mets.append(M.metric(f"{tag}.{k}.cpu_ms_per_step", [1e3 * r[k] for r in rounds], "ms", "lower",
+                             "absolute", cont))
+    return mets
+
+
 def _long_context_metrics(M, spec: dict, inject: float) -> tuple[list[dict], dict | None]:
     """The fp16 simulator against PyTorch eager at ``spec["long"]["seq_len"]``, CPU seconds per
     interleaved round, like the main part (same pinned CPU, one thread each)."""
@@ -194,32 +214,11 @@ def _long_context_metrics(M, spec: dict, inject: float) -> tuple[list[dict], dic
 
     cfg = preset(spec["preset"], seq_len=long["seq_len"])
     batch = _batch(cfg, 1)
-    sides: dict = {}
-    try:
-        sides["sim_fp16"] = EngineSide(cfg, "sim", "fp16", batch, 32, ane_rules=False)
-        sides["torch_eager_fp32"] = TorchSide(cfg, batch)
-        fns = {k: s.step for k, s in sides.items()}
-        fns["sgemm"] = _sgemm_yardstick()[0]
-        for _ in range(long["warmup"]):
-            for f in fns.values():
-                f()
-        rounds = M.interleaved(fns, long["rounds"], clock="cpu", retries=long["retries"],
-                               burn={"sim_fp16": inject} if inject else None)
-        summaries = {k: s.summary(long["warmup"]) for k, s in sides.items()}
-    finally:
-        for s in sides.values():
-            s.close()
-    tag = f"ci.train.{spec['preset']}.s{long['seq_len']}"
-    cont = [r["_contended"] for r in rounds]
-    mets = [M.ratio_metric(f"{tag}.sim_fp16_vs_torch", rounds, "torch_eager_fp32", "sim_fp16", "x", "higher",
-                           vs="torch_eager_fp32",
-                           note="tokens/s ratio sim fp16 / PyTorch eager (1 thread) at a long sequence, CPU seconds"),
-            M.ratio_metric(f"{tag}.sim_fp16_in_sgemm_units", rounds, "sim_fp16", "sgemm", "sgemm", "lower",
-                           vs="sgemm yardstick",
-                           note="CPU time of one long-sequence step over one fixed single-thread sgemm, per round")]
-    for k in ("sim_fp16", "torch_eager_fp32"):
-        mets.append(M.metric(f"{tag}.{k}.cpu_ms_per_step", [1e3 * r[k] for r in rounds], "ms", "lower",
-                             "absolute", cont))
+    rounds, summaries = _interleave_steps(
+        M, {"sim_fp16": lambda: EngineSide(cfg, "sim", "fp16", batch, 32, ane_rules=False),
+            "torch_eager_fp32": lambda: TorchSide(cfg, batch)},
+        _sgemm_yardstick()[0], long, inject)
+    mets = _step_metrics(M, f"ci.train.{spec['preset']}.s{long['seq_len']}", rounds, ("fp16",))
     details = {"seq_len": long["seq_len"], "sides": summaries,
                "rounds": [{k: v for k, v in r.items() if k != "_repeats"} for r in rounds]}
     return mets, details

@@ -83,7 +83,8 @@ def _fits(node: Node, kind: str, lead: tuple, n: int, values) -> bool:
     """Every operand and the result of ``node`` map onto rows ``lead`` x (n or 1)."""
     shapes = [values[i].shape for i in node.inputs] + [node.shape]
     if kind == "reduce_sum":
-        return tuple(node.shape) in (lead, lead + (1,))
+        # keep_dims sums only (one value per row), of rows numpy sums in one piece
+        return tuple(node.shape) == lead + (1,) and n <= NUMPY_BUFSIZE
     for s in shapes:
         try:
             if np.broadcast_shapes(s, lead + (n,)) != lead + (n,):
@@ -123,9 +124,6 @@ def row_runs(nodes: list[Node], values, output_names) -> list[RowRun]:
         if g is None or not _fits(nd, kind, g[0], g[1], values):
             close()
             continue
-        if kind == "reduce_sum" and (tuple(nd.shape) != g[0] + (1,) or g[1] > NUMPY_BUFSIZE):
-            close()  # only keep_dims sums (one value per row), in rows numpy sums in one piece
-            continue
         if cur and g != geo:
             close()
         if cur and any(values[name].shape not in (geo[0] + (geo[1],), geo[0] + (1,))
@@ -160,9 +158,9 @@ def _operand(a: np.ndarray, lead: tuple[int, ...], n: int):
     return root, width, (b.strides[-1] // item) if width > 1 else 0, np.ascontiguousarray(off.reshape(-1))
 
 
-def bind_run(run: RowRun, nodes: list[Node], arrays: dict, outs: dict, splitter=None):
+def bind_run(run: RowRun, nodes: list[Node], arrays: dict, splitter=None):
     """The step running ``run``: ``arrays`` maps every value name the run reads from outside to
-    its bound array, ``outs`` every escaping member to the fp16 array to fill. None when some
+    its bound array, and every escaping member to the fp16 array to fill. None when some
     operand's layout has no row form (the caller then binds the members one by one)."""
     from rustane import _cpu
     from .ops import whole_buffer_permutation
@@ -213,8 +211,7 @@ def bind_run(run: RowRun, nodes: list[Node], arrays: dict, outs: dict, splitter=
         ops.append((code[kind], dst, srcs[0], srcs[1] if len(srcs) > 1 else 0))
         reg[nd.name] = dst
         if nd.name in run.escaping:
-            out = outs[nd.name]
-            k = arg_of(out)
+            k = arg_of(arrays[nd.name])
             if k is None or args[k][1] != widths[dst]:
                 return None
             ops.append((code["store"], 0, k, dst))

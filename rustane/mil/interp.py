@@ -205,7 +205,7 @@ class Plan:
         """The fused step of ``run``, or (an operand without a row layout) its members' own steps."""
         from .fuse_rows import bind_run
 
-        step = bind_run(run, self.nodes, arrays, {n: arrays[n] for n in run.escaping}, splitter)
+        step = bind_run(run, self.nodes, arrays, splitter)
         if step is not None:
             return [step]
         steps: list = []
